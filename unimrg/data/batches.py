@@ -1,0 +1,44 @@
+"""Typed batches: what a loader yields for one task, and what a model adapter consumes.
+
+Images travel as uint8 at the loader's ``image_size``; each adapter resizes and normalises for its
+own encoders (InternViT 448, SANA 512, ...), so the data layer never knows a model. Generation
+targets are float in [0, 1] because depth maps are stored at 16 bits and must not be rounded to 8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from unimrg.tasks import UND
+
+
+@dataclass
+class UnderstandingBatch:
+    """LLaVA-style conversations about an image (next-token CE on the assistant turns)."""
+
+    images: torch.Tensor                       # (B, 3, H, W) uint8
+    conversations: list[list[dict[str, str]]]  # per sample: [{"from": "human"|"gpt", "value": str}, ...]
+    keys: list[str] = field(default_factory=list)  # sample keys, for error messages
+    task: str = UND
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class GenerationBatch:
+    """Generate ``targets`` from ``images`` (pix: the image itself; depth / seg: its maps)."""
+
+    task: str                    # "pix" | "depth" | "seg"
+    images: torch.Tensor         # (B, 3, H, W) uint8, the input (condition) image
+    targets: torch.Tensor        # (B, 3, H, W) float32 in [0, 1], what to generate (depth / seg: 3 equal channels)
+    prompts: list[str] = field(default_factory=list)  # filled by the objective; "" = unconditional
+    keys: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+TaskBatch = UnderstandingBatch | GenerationBatch
