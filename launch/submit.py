@@ -1,0 +1,130 @@
+"""Validate a recipe, snapshot it into a run folder, and start the ranks (locally or on SLURM).
+
+    python launch/submit.py --model openuni --recipe tiny --cluster local --run-dir runs/demo
+    python launch/submit.py --model showo --nodes 2 --gpus-per-node 8 --cluster slurm --partition gpu
+    python launch/submit.py --model openuni --recipe paper --nodes 1 --gpus-per-node 8 --dry-run
+
+Trailing ``key=value`` arguments override the recipe (``train.steps=50 data.root=/data/unimrg``).
+The run folder gets ``config.yaml`` (resolved; what every rank and every requeue reads) and
+``submission.json`` (the launch parameters), so a crashed job can be resubmitted as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from unimrg.config import ConfigError, load_config, recipe_path, to_yaml, validate  # noqa: E402
+from unimrg.data.loaders import check_data_paths, ensure_scene_data  # noqa: E402
+from unimrg.models import registry  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="openuni", help=f"one of {registry.names()}")
+    ap.add_argument("--recipe", default="tiny", help="name (launch/recipes/<model>_<name>.yaml) or a YAML path")
+    ap.add_argument("--cluster", choices=("local", "slurm"), default="local")
+    ap.add_argument("--run-dir", default=None, help="run folder (default runs/<model>_<recipe>)")
+    ap.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (sets run.resume)")
+    ap.add_argument("--dry-run", action="store_true", help="validate config, batch arithmetic and paths; start nothing")
+    g = ap.add_argument_group("resources")
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--gpus-per-node", type=int, default=None,
+                   help="one rank per GPU; 0 = CPU ranks (default: GPUs visible here, else 0)")
+    g.add_argument("--cpu-ranks-per-node", type=int, default=2, help="ranks per node when --gpus-per-node 0")
+    s = ap.add_argument_group("SLURM")
+    s.add_argument("--partition")
+    s.add_argument("--account")
+    s.add_argument("--qos")
+    s.add_argument("--time", default="24:00:00", help="wall-clock limit, HH:MM:SS")
+    s.add_argument("--constraint")
+    s.add_argument("--mem", help="memory per node, e.g. 500G")
+    s.add_argument("--max-requeues", type=int, default=5)
+    s.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE", help="extra sbatch parameter")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    args = ap.parse_args(argv)
+    if args.gpus_per_node is None:
+        import torch
+        args.gpus_per_node = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        ap.error(f"overrides must be key=value, got {bad}")
+    return args
+
+
+def ranks_per_node(args) -> int:
+    return args.gpus_per_node if args.gpus_per_node > 0 else args.cpu_ranks_per_node
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run_dir = Path(args.run_dir or REPO / "runs" / f"{args.model}_{Path(args.recipe).stem}").resolve()
+    overrides = [*args.overrides, f"run.dir={run_dir}"]
+    if args.resume is not None:
+        overrides.append(f"run.resume={args.resume}")
+    dp_size = args.nodes * ranks_per_node(args)
+    try:
+        cfg = load_config(recipe_path(args.model, args.recipe), overrides, model=args.model)
+        plan = validate(cfg, dp_size)
+        if args.dry_run:
+            if not cfg.data.scenes:   # a scenes recipe generates its data on the first real launch
+                check_data_paths(cfg.data, cfg.objective.tasks)
+        else:
+            ensure_scene_data(cfg.data, cfg.objective.tasks)
+    except (ConfigError, FileNotFoundError, KeyError) as e:
+        print(f"submit.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{cfg.model.name} ({cfg.model.size}) {plan.describe(cfg.objective.tasks)}")
+    if args.dry_run:
+        print("dry run: config, batch arithmetic and paths are valid; nothing started")
+        return 0
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(to_yaml(cfg))
+    submission = {k: v for k, v in vars(args).items() if k != "overrides"} | {
+        "overrides": args.overrides, "argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "git_sha": git_sha(), "batch_plan": plan.as_dict()}
+    (run_dir / "submission.json").write_text(json.dumps(submission, indent=2))
+    print(f"run folder {run_dir}\nTensorBoard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
+
+    if args.cluster == "slurm":
+        from launch.slurm import submit
+        return submit(args, run_dir)
+    if args.nodes != 1:
+        print("submit.py: error: --cluster local runs on one node; use --cluster slurm for --nodes > 1",
+              file=sys.stderr)
+        return 2
+    return run_local(config_path, ranks_per_node(args), gpu=args.gpus_per_node > 0)
+
+
+def run_local(config_path: Path, nproc: int, gpu: bool) -> int:
+    """torchrun on this machine, one rank per GPU (or ``nproc`` CPU ranks over gloo)."""
+    env = dict(os.environ)
+    if not gpu:
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env["DS_ACCELERATOR"] = "cpu"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+           "--nproc_per_node", str(nproc), str(REPO / "launch" / "train.py"), "--config", str(config_path)]
+    return subprocess.call(cmd, env=env)
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.check_output(["git", "-C", str(REPO), "rev-parse", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Per-rank entry point: read a run folder's resolved config and train.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 launch/train.py --config RUN/config.yaml
+
+Started by launch/submit.py (local: torchrun; SLURM: submitit or srun), never edited per variant:
+variants are recipes in launch/recipes/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python launch/train.py` from anywhere
+
+from unimrg.config import load_resolved  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="RUN/config.yaml written by launch/submit.py")
+    args = ap.parse_args(argv)
+    cfg = load_resolved(args.config)
+    from unimrg.trainer import run  # after parsing: --help stays fast
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

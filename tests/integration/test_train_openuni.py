@@ -1,0 +1,137 @@
+"""The walking skeleton end to end: launch/submit.py → torchrun (2 CPU ranks, gloo) → DeepSpeed ZeRO
+engine → tiny OpenUni (real transformers / diffusers classes) → Energon loaders over generated scenes.
+
+    python -m pytest tests/integration/test_train_openuni.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_submit
+
+pytestmark = pytest.mark.slow
+
+TAGS = ["loss/und", "loss/pix", "loss/depth", "loss/seg", "loss/total", "lr", "grad_norm",
+        "throughput/samples_per_s", "samples_seen/und", "samples_seen/pix", "samples_seen/depth",
+        "samples_seen/seg"]
+
+
+def train(run_dir: Path, data: Path, *overrides: str, recipe: str = "tiny", check: bool = True):
+    res = run_submit(["--model", "openuni", "--recipe", recipe, "--cluster", "local",
+                      "--run-dir", str(run_dir), f"data.root={data}", *overrides])
+    if check:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    return res
+
+
+def metrics(run_dir: Path, rank: int) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics" / f"rank{rank}.jsonl").read_text().splitlines()]
+
+
+def tb_tags(run_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def initial_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights every rank starts from: same seed, same builder as the trainer."""
+    from unimrg.config import load_resolved
+    from unimrg.models.registry import build_model
+    cfg = load_resolved(run_dir / "config.yaml")
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, frozen
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory, scene_root):
+    run_dir = tmp_path_factory.mktemp("zero2")
+    train(run_dir, scene_root)
+    return run_dir
+
+
+def check_full_run(run_dir: Path):
+    for rank in (0, 1):
+        rows = metrics(run_dir, rank)
+        assert [r["step"] for r in rows] == list(range(1, 21))
+        # Every optimizer step saw exactly micro_batch_per_task × grad_accum / tasks = 2 of each task.
+        assert all(r["samples"] == {"und": 2, "pix": 2, "depth": 2, "seg": 2} for r in rows)
+    rows = metrics(run_dir, 0)
+    for task in ("und", "pix", "depth", "seg"):
+        first = sum(r["global_losses"][task] for r in rows[:5]) / 5
+        last = sum(r["global_losses"][task] for r in rows[-5:]) / 5
+        assert last < first, f"{task}: mean loss of the last 5 steps {last:.4f} ≥ first 5 {first:.4f}"
+    assert set(TAGS) <= tb_tags(run_dir)
+    for f in ("config.yaml", "config.resolved.yaml", "ds_config.json", "submission.json"):
+        assert (run_dir / f).is_file(), f
+
+    final = torch.load(run_dir / "final" / "model.pt")
+    init, frozen = initial_weights(run_dir)
+    assert frozen and set(init) <= set(final)
+    for name, w0 in init.items():
+        same = torch.equal(final[name], w0)
+        if name in frozen:
+            assert same, f"frozen parameter {name} changed"
+        else:
+            assert not same, f"trainable parameter {name} did not change"
+
+
+def test_zero2_four_tasks(zero2_run):
+    check_full_run(zero2_run)
+    ds = json.loads((zero2_run / "ds_config.json").read_text())
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 4, 16)
+
+
+def test_zero3_four_tasks(tmp_path, scene_root):
+    train(tmp_path, scene_root, "train.zero_stage=3", "train.ds_config=ds_configs/zero3_tiny.json")
+    check_full_run(tmp_path)
+    assert json.loads((tmp_path / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
+
+
+def test_resume_latest_reproduces_uninterrupted_run(tmp_path, scene_root, zero2_run):
+    train(tmp_path, scene_root, "train.stop_after=10")
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000010"
+    assert not (tmp_path / "final").exists()
+    train(tmp_path, scene_root, "run.resume=latest")
+    for rank in (0, 1):
+        resumed = [r for r in metrics(tmp_path, rank) if r["step"] > 10]
+        reference = [r for r in metrics(zero2_run, rank) if r["step"] > 10]
+        assert [r["step"] for r in resumed] == list(range(11, 21))
+        assert [r["losses"] for r in resumed] == [r["losses"] for r in reference]
+
+
+def test_understanding_only_recipe_computes_no_generation_loss(tmp_path, scene_root):
+    train(tmp_path, scene_root, "objective.tasks=[und]", "train.steps=3", "train.export_final=false")
+    rows = metrics(tmp_path, 0)
+    assert all(set(r["losses"]) == {"und"} and r["samples"] == {"und": 8} for r in rows)
+    assert "loss/pix" not in tb_tags(tmp_path)
+
+
+def test_dry_run_rejects_impossible_batch_arithmetic(tmp_path, scene_root):
+    res = train(tmp_path / "run", scene_root, "--dry-run", "train.grad_accum=3", check=False)
+    assert res.returncode == 2
+    assert "train.grad_accum=3" in res.stderr and "objective.schedule" in res.stderr
+    assert not (tmp_path / "run").exists()        # nothing started, nothing written
+    ok = train(tmp_path / "run", scene_root, "--dry-run")
+    assert "dry run" in ok.stdout and not (tmp_path / "run").exists()
+
+
+def test_broken_task_stops_training_naming_task_and_file(tmp_path, scene_root):
+    """Every seg image corrupt: training must stop with the task and a file named, not run on 3 tasks."""
+    from tests.integration.test_loaders import corrupt_all_images  # shared helper (data tests)
+    data = tmp_path / "data"
+    shutil.copytree(scene_root, data)
+    corrupt_all_images(data / "seg")
+    res = train(tmp_path / "run", data, "train.steps=2", check=False)
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    assert "seg" in out and ".tar" in out

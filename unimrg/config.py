@@ -1,0 +1,197 @@
+"""Run configuration: defaults → YAML recipe → dotted ``key=value`` overrides (OmegaConf, strict).
+
+    python launch/submit.py --model openuni --recipe tiny --dry-run train.steps=50
+
+Each component's ``*Config`` lives next to the component (``ObjectiveConfig`` in objective.py,
+``DataConfig`` in data/loaders.py, ``OpenUniConfig`` in models/openuni.py); this module only adds the
+training / run sections and assembles them. ``batch_arithmetic`` is the one place the per-task
+micro-batch, accumulation and data-parallel size are turned into DeepSpeed's batch fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from unimrg.data.loaders import DataConfig
+from unimrg.models import registry
+from unimrg.models.base import ModelConfig
+from unimrg.objective import ObjectiveConfig
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "launch" / "recipes"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.02
+    eps: float = 1e-8
+    warmup_fraction: float = 0.01   # linear warm-up over this fraction of train.steps, then cosine
+    min_lr_ratio: float = 0.0       # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000                 # optimizer steps (we count steps, never epochs)
+    micro_batch_per_task: int = 4     # samples of one task in one micro-batch on one rank
+    grad_accum: int = 4               # micro-steps per optimizer step
+    global_batch_size: int = 0        # optional check: samples per optimizer step over all ranks (0 = derive)
+    precision: str = "bf16"           # "bf16" | "fp32" (fp16 is not supported: the paper's models run bf16)
+    zero_stage: int = 2               # 2 | 3
+    ds_config: str = ""               # ZeRO JSON; "" = ds_configs/zero{zero_stage}.json
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 500       # also at the end and on a preemption signal
+    keep_checkpoints: int = 2
+    stop_after: int = 0               # leave after this many steps (with a checkpoint); 0 = run to `steps`
+    export_final: bool = True         # write consolidated weights to RUN/final/ at the end
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    resume: str = ""                  # "" (fresh) | "latest" (if any) | path to a checkpoint folder
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the fields and how to fix them."""
+
+
+def recipe_path(model: str, recipe: str) -> Path:
+    """``--recipe tiny`` → launch/recipes/<model>_tiny.yaml; a path is taken as is."""
+    p = Path(recipe)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise FileNotFoundError(f"recipe {p} does not exist")
+        return p
+    p = RECIPES / f"{model}_{recipe}.yaml"
+    if not p.is_file():
+        have = sorted(q.stem for q in RECIPES.glob(f"{model}_*.yaml"))
+        raise FileNotFoundError(f"no recipe {p}; recipes for {model}: {have}")
+    return p
+
+
+def read_recipe(path: str | Path):
+    """A recipe YAML; ``inherit: other_recipe`` (a file beside it, without .yaml) is merged under it,
+    so an ablation row states only what differs from the paper recipe."""
+    raw = OmegaConf.load(path)
+    parent = raw.pop("inherit", None)
+    if parent is None:
+        return raw
+    parent_path = Path(path).parent / f"{parent}.yaml"
+    if not parent_path.is_file():
+        raise FileNotFoundError(f"{path}: inherit: {parent} but {parent_path} does not exist")
+    return OmegaConf.merge(read_recipe(parent_path), raw)
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] = (), model: str | None = None) -> Config:
+    """Merge defaults, the recipe YAML and ``key=value`` overrides into a typed ``Config``."""
+    raw = read_recipe(recipe) if recipe else OmegaConf.create()
+    cli = OmegaConf.from_dotlist(list(overrides))
+    name = OmegaConf.select(cli, "model.name") or model or OmegaConf.select(raw, "model.name") or "openuni"
+    schema = OmegaConf.structured(Config(model=registry.config_class(name)(name=name)))
+    try:
+        merged = OmegaConf.merge(schema, raw, cli)
+    except Exception as e:  # omegaconf names the offending key; add where it came from
+        raise ConfigError(f"{recipe or 'defaults'} + overrides {list(overrides)}: {e}") from None
+    merged.model.name = name
+    return OmegaConf.to_object(merged)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def load_resolved(path: str | Path) -> Config:
+    """Load a run folder's resolved ``config.yaml`` (what every rank and every requeue reads)."""
+    raw = OmegaConf.load(path)
+    name = raw.model.name
+    schema = OmegaConf.structured(Config(model=registry.config_class(name)(name=name)))
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(schema, raw))
+    except Exception as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+@dataclass
+class BatchPlan:
+    """DeepSpeed's batch fields and what they mean per task, derived in one place."""
+
+    micro_batch: int            # train_micro_batch_size_per_gpu: samples in one micro-step on one rank
+    grad_accum: int             # gradient_accumulation_steps
+    dp_size: int                # data-parallel ranks
+    train_batch_size: int       # micro_batch × grad_accum × dp_size
+    per_task_per_step: int      # samples of each enabled task per optimizer step on one rank
+
+    def describe(self, tasks: list[str]) -> str:
+        return (f"{self.per_task_per_step} per task × {len(tasks)} tasks × {self.dp_size} ranks = "
+                f"{self.train_batch_size} samples per optimizer step "
+                f"(micro-batch {self.micro_batch}, accumulation {self.grad_accum})")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def batch_arithmetic(cfg: Config, dp_size: int) -> BatchPlan:
+    """Check the batch fields against each other and the schedule; raise naming the fields."""
+    t, o = cfg.train, cfg.objective
+    o.validate()
+    n = len(o.tasks)
+    problems = []
+    if t.micro_batch_per_task < 1:
+        problems.append(f"train.micro_batch_per_task={t.micro_batch_per_task} must be ≥ 1")
+    if t.grad_accum < 1:
+        problems.append(f"train.grad_accum={t.grad_accum} must be ≥ 1")
+    if dp_size < 1:
+        problems.append(f"data-parallel size {dp_size} must be ≥ 1 (--nodes × ranks per node)")
+    if o.schedule == "round_robin" and t.grad_accum % n:
+        problems.append(f"train.grad_accum={t.grad_accum} must be a multiple of the {n} enabled tasks "
+                        f"{o.tasks} under objective.schedule=round_robin (one task per micro-step, every "
+                        f"task in every optimizer step); use {n * max(1, round(t.grad_accum / n))} or "
+                        "objective.schedule=joint")
+    if problems:
+        raise ConfigError("impossible batch arithmetic: " + "; ".join(problems))
+    micro = t.micro_batch_per_task * (n if o.schedule == "joint" else 1)
+    per_task = t.micro_batch_per_task * t.grad_accum // (1 if o.schedule == "joint" else n)
+    plan = BatchPlan(micro, t.grad_accum, dp_size, micro * t.grad_accum * dp_size, per_task)
+    if t.global_batch_size and t.global_batch_size != plan.train_batch_size:
+        raise ConfigError(
+            f"impossible batch arithmetic: train.global_batch_size={t.global_batch_size} but "
+            f"train.micro_batch_per_task × train.grad_accum × data-parallel size"
+            f"{' × tasks (joint)' if o.schedule == 'joint' else ''} = {plan.describe(o.tasks)}")
+    return plan
+
+
+def validate(cfg: Config, dp_size: int) -> BatchPlan:
+    """Everything ``--dry-run`` checks before any rank starts: fields, batch arithmetic, paths."""
+    t = cfg.train
+    if t.precision not in ("bf16", "fp32"):
+        raise ConfigError(f"train.precision={t.precision!r}: use bf16 or fp32 (fp16 is not supported)")
+    if t.zero_stage not in (2, 3):
+        raise ConfigError(f"train.zero_stage={t.zero_stage}: use 2 or 3")
+    if t.steps < 1 or t.stop_after < 0:
+        raise ConfigError(f"train.steps={t.steps} must be ≥ 1 and train.stop_after={t.stop_after} ≥ 0")
+    if t.ds_config and not Path(t.ds_config).is_file():
+        raise ConfigError(f"train.ds_config={t.ds_config}: no such file (see ds_configs/)")
+    if cfg.model.checkpoint and not Path(cfg.model.checkpoint).exists():
+        raise ConfigError(f"model.checkpoint={cfg.model.checkpoint}: no such path (give a local path "
+                          "to the official weights; nothing is downloaded)")
+    if cfg.run.resume not in ("", "latest") and not Path(cfg.run.resume).is_dir():
+        raise ConfigError(f"run.resume={cfg.run.resume}: no such checkpoint folder (or use 'latest')")
+    return batch_arithmetic(cfg, dp_size)

@@ -1,0 +1,152 @@
+"""The only module that imports DeepSpeed: distributed init, the ZeRO engine, checkpoints.
+
+The trainer sees a small surface: ``engine(batches)`` → per-task losses, ``backward``, ``step``,
+``save`` / ``load``, ``full_state_dict``. GPU ranks use NCCL and bf16; CPU ranks (tests, the demo)
+use gloo with bf16 or fp32 and need no compiled DeepSpeed op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+# DeepSpeed picks its accelerator at import time; without a GPU it must be told "cpu" first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+import deepspeed.comm  # noqa: E402
+
+from unimrg.config import REPO, BatchPlan, Config, ConfigError  # noqa: E402
+
+BATCH_FIELDS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join the process group from torchrun / SLURM env vars; returns (rank, world_size, local_rank)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if on_gpu():
+        torch.cuda.set_device(local_rank)
+        backend = "nccl"
+    else:
+        # The shared-memory comm op only serves inference all-reduce, and building it needs a
+        # compiler and ~60 s: skip it so CPU ranks start with no JIT build at all.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        backend = "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    return deepspeed.comm.get_rank(), deepspeed.comm.get_world_size(), local_rank
+
+
+def ds_config_path(cfg: Config) -> Path:
+    return Path(cfg.train.ds_config) if cfg.train.ds_config else REPO / "ds_configs" / f"zero{cfg.train.zero_stage}.json"
+
+
+def fill_batch_fields(ds: dict, plan: BatchPlan) -> dict:
+    """The one function that writes DeepSpeed's batch fields; checks they agree with each other."""
+    ds = dict(ds)
+    ds["train_micro_batch_size_per_gpu"] = plan.micro_batch
+    ds["gradient_accumulation_steps"] = plan.grad_accum
+    ds["train_batch_size"] = plan.train_batch_size
+    if plan.micro_batch * plan.grad_accum * plan.dp_size != plan.train_batch_size:
+        raise ConfigError(f"train_batch_size {plan.train_batch_size} != micro {plan.micro_batch} × "
+                          f"accumulation {plan.grad_accum} × data-parallel {plan.dp_size}")
+    return ds
+
+
+def resolve_ds_config(cfg: Config, plan: BatchPlan) -> dict:
+    """ZeRO JSON from ds_configs/ + batch fields + precision + clipping: the config that runs."""
+    path = ds_config_path(cfg)
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"train.ds_config: cannot read {path}: {e}") from None
+    ds.pop("_comment", None)
+    stage = ds.get("zero_optimization", {}).get("stage")
+    if stage != cfg.train.zero_stage:
+        raise ConfigError(f"{path} has zero_optimization.stage={stage} but train.zero_stage="
+                          f"{cfg.train.zero_stage}; make them agree")
+    ds = fill_batch_fields(ds, plan)
+    ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
+    ds.pop("fp16", None)
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    return ds
+
+
+def _to_device(batch, device):
+    """Move a typed batch's tensors to the engine's device (dataclass fields, shallow)."""
+    changes = {f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
+               if isinstance(getattr(batch, f.name), torch.Tensor)}
+    return dataclasses.replace(batch, **changes)
+
+
+class Engine:
+    """A DeepSpeed ZeRO engine around a UMM adapter, with a torch AdamW and our LR schedule."""
+
+    def __init__(self, model: torch.nn.Module, ds_config: dict, optimizer: torch.optim.Optimizer,
+                 lr_lambda):
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            model_parameters=[p for p in model.parameters() if p.requires_grad])
+        self.zero_stage = ds_config["zero_optimization"]["stage"]
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.ds.device
+
+    def __call__(self, batches) -> dict[str, torch.Tensor]:
+        return self.ds([_to_device(b, self.device) for b in batches])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        """Called after every micro-step; DeepSpeed steps the optimizer at accumulation boundaries."""
+        self.ds.step()
+
+    def grad_norm(self) -> float:
+        n = self.ds.get_global_grad_norm()
+        return float(n) if n is not None else float("nan")
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, save_dir: Path, tag: str, client_state: dict) -> None:
+        # `latest` is written by the trainer only once every rank's extra state is on disk.
+        self.ds.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, save_dir: Path, tag: str) -> dict:
+        path, client = self.ds.load_checkpoint(str(save_dir), tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint {save_dir}/{tag}")
+        return client
+
+    @contextlib.contextmanager
+    def gathered(self, params) -> Iterator[None]:
+        """Full parameters inside the block, whatever the ZeRO stage."""
+        with deepspeed.zero.GatheredParameters(list(params), enabled=self.zero_stage == 3):
+            yield
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer, gathered one at a time (fine at any size); equal on all ranks."""
+        out = {}
+        for name, p in self.module.named_parameters():
+            with self.gathered([p]):
+                out[name] = p.detach().cpu().clone()
+        for name, b in self.module.named_buffers():
+            out[name] = b.detach().cpu().clone()
+        return out

@@ -1,0 +1,261 @@
+"""The training loop, top to bottom. Started once per rank by launch/train.py:
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 launch/train.py --config RUN/config.yaml
+
+Per optimizer step: ``grad_accum`` micro-steps, each holding the tasks the objective's schedule names
+(round-robin: one task; joint: all), a λ-weighted loss, ``engine.backward`` and ``engine.step``.
+Logs per-task losses to TensorBoard and RUN/metrics/rank{r}.jsonl, checkpoints atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from unimrg import engine as eng
+from unimrg.config import Config, to_yaml, validate
+from unimrg.data.loaders import TaskLoaders
+from unimrg.models.registry import build_model
+from unimrg.objective import Objective
+
+COMPLETE = "COMPLETE"   # written into a checkpoint folder once every rank's state is on disk
+PREEMPTED_EXIT_CODE = 3  # a run that checkpointed on a signal and wants to be requeued
+
+
+def lr_lambda(cfg: Config):
+    """Linear warm-up over ``warmup_fraction`` of the steps, then cosine to ``min_lr_ratio``."""
+    steps, floor = cfg.train.steps, cfg.optim.min_lr_ratio
+    warmup = max(1, round(cfg.optim.warmup_fraction * steps))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def find_checkpoint(ckpt_dir: Path, resume: str) -> Path | None:
+    """``latest`` → the folder named in ckpt_dir/latest if complete, else the newest complete one."""
+    if resume not in ("", "latest"):
+        path = Path(resume)
+        if not (path / COMPLETE).exists():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+        return path
+    if resume == "" or not ckpt_dir.is_dir():
+        return None
+    latest = ckpt_dir / "latest"
+    if latest.is_file() and (ckpt_dir / latest.read_text().strip() / COMPLETE).exists():
+        return ckpt_dir / latest.read_text().strip()
+    complete = sorted(p for p in ckpt_dir.glob("step_*") if (p / COMPLETE).exists())
+    return complete[-1] if complete else None
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rank, self.world, self.local_rank = eng.init_distributed()
+        self.plan = validate(cfg, dp_size=self.world)
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+        # Same seed on every rank for the weights; per-rank seeds for noise, masks and prompts.
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model)   # DeepSpeed casts it to bf16 if train.precision says so
+        self.seed_rank(cfg.train.seed + 1000 * (self.rank + 1))
+
+        optimizer = torch.optim.AdamW(list(model.trainable_parameters()), lr=cfg.optim.lr,
+                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                      weight_decay=cfg.optim.weight_decay)
+        self.ds_config = eng.resolve_ds_config(cfg, self.plan)
+        self.engine = eng.Engine(model, self.ds_config, optimizer, lr_lambda(cfg))
+        self.objective = Objective(cfg.objective, seed=cfg.train.seed + self.rank)
+        self.loaders = TaskLoaders(cfg.data, self.objective.tasks, cfg.train.micro_batch_per_task,
+                                   cfg.model.image_size, self.rank, self.world, cfg.train.seed)
+        self.step = 0
+        self.samples_seen = defaultdict(int)   # per task, this rank
+        self.stop_requested = False
+        self.writer = None
+        if self.rank == 0:
+            self.write_run_files()
+            if cfg.run.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        (self.run_dir / "metrics").mkdir(parents=True, exist_ok=True)
+        self.metrics = open(self.run_dir / "metrics" / f"rank{self.rank}.jsonl", "a")
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self.on_signal)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def fit(self) -> int:
+        """Train to ``train.steps`` (or ``stop_after``); returns a process exit code."""
+        cfg = self.cfg
+        resume_from = find_checkpoint(self.ckpt_dir, cfg.run.resume)
+        if resume_from is not None:
+            self.load(resume_from)
+        last = cfg.train.steps if not cfg.train.stop_after else min(cfg.train.steps, cfg.train.stop_after)
+        self.log0(f"{cfg.model.name}: {self.plan.describe(self.objective.tasks)}; steps {self.step}→{last}"
+                  f"{f' (resumed from {resume_from})' if resume_from else ''}")
+        t_start, step_start = time.time(), self.step
+        while self.step < last:
+            t0 = time.time()
+            losses, counts = self.train_step()
+            self.step += 1
+            self.log(losses, counts, time.time() - t0, t_start, step_start, last)
+            if self.step % cfg.train.checkpoint_every == 0 or self.step == last:
+                self.save()
+            if self.agree(self.stop_requested):
+                if self.step % cfg.train.checkpoint_every and self.step != last:
+                    self.save()
+                self.log0(f"stopping at step {self.step} on a signal; resume with run.resume=latest")
+                return PREEMPTED_EXIT_CODE
+        if self.step == cfg.train.steps and cfg.train.export_final:
+            self.export_final()
+        self.close()
+        return 0
+
+    def train_step(self) -> tuple[dict[str, float], dict[str, int]]:
+        sums, n_micro, counts = defaultdict(float), defaultdict(int), defaultdict(int)
+        for micro in range(self.plan.grad_accum):
+            batches = [self.objective.add_prompts(self.loaders.next(t))
+                       for t in self.objective.micro_step_tasks(micro)]
+            task_losses = self.engine(batches)
+            self.engine.backward(self.objective.total(task_losses))
+            self.engine.step()
+            for b in batches:
+                counts[b.task] += len(b)
+                sums[b.task] += task_losses[b.task].item()
+                n_micro[b.task] += 1
+        for t, n in counts.items():
+            self.samples_seen[t] += n
+        return {t: sums[t] / n_micro[t] for t in sums}, dict(counts)
+
+    # ---- logging -------------------------------------------------------------------------------
+    def log(self, losses, counts, dt, t_start, step_start, last) -> None:
+        tasks = self.objective.tasks
+        local = torch.tensor([losses[t] for t in tasks], dtype=torch.float64)
+        dist.all_reduce(local)
+        mean = {t: v / self.world for t, v in zip(tasks, local.tolist())}
+        total = sum(self.cfg.objective.weights[t] * mean[t] for t in tasks)
+        grad_norm, lr = self.engine.grad_norm(), self.engine.lr()
+        samples_s = self.plan.train_batch_size / max(dt, 1e-9)
+        skipped = self.loaders.skipped()
+        print(json.dumps({"step": self.step, "losses": losses, "total": sum(
+            self.cfg.objective.weights[t] * losses[t] for t in tasks), "samples": counts,
+            "global_losses": mean, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}),
+            file=self.metrics, flush=True)
+        if self.rank != 0:
+            return
+        if self.writer is not None:
+            for t in tasks:
+                self.writer.add_scalar(f"loss/{t}", mean[t], self.step)
+                self.writer.add_scalar(f"samples_seen/{t}", self.samples_seen[t] * self.world, self.step)
+                self.writer.add_scalar(f"data/skipped/{t}", skipped.get(t, 0), self.step)
+            self.writer.add_scalar("loss/total", total, self.step)
+            self.writer.add_scalar("lr", lr, self.step)
+            self.writer.add_scalar("grad_norm", grad_norm, self.step)
+            self.writer.add_scalar("throughput/samples_per_s", samples_s, self.step)
+        if self.step % self.cfg.train.log_every == 0 or self.step == last:
+            done = self.step - step_start
+            eta = (time.time() - t_start) / max(done, 1) * (last - self.step)
+            parts = " ".join(f"{t} {mean[t]:.4f}" for t in tasks)
+            print(f"step {self.step}/{last} | loss {total:.4f} ({parts}) | lr {lr:.2e} | "
+                  f"grad {grad_norm:.3f} | {samples_s:.1f} samples/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
+                  flush=True)
+
+    def log0(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save(self) -> None:
+        tag = f"step_{self.step:07d}"
+        folder = self.ckpt_dir / tag
+        self.engine.save(self.ckpt_dir, tag, client_state={"step": self.step})
+        torch.save({"step": self.step, "loaders": self.loaders.state_dict(),
+                    "objective": self.objective.state_dict(), "samples_seen": dict(self.samples_seen),
+                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                            "numpy": np.random.get_state()}},
+                   folder / f"unimrg_rank{self.rank}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            # Only now is the checkpoint whole: mark it, then point `latest` at it atomically.
+            (folder / COMPLETE).write_text(f"{self.world}\n")
+            tmp = self.ckpt_dir / "latest.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, self.ckpt_dir / "latest")
+            older = sorted(p for p in self.ckpt_dir.glob("step_*") if p.name != tag)
+            for old in older[:max(0, len(older) - (self.cfg.train.keep_checkpoints - 1))]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    def load(self, folder: Path) -> None:
+        world = int((folder / COMPLETE).read_text().split()[0])
+        if world != self.world:
+            raise RuntimeError(f"{folder} was written by {world} ranks, this run has {self.world}; the "
+                               "per-rank loader states cannot be re-sharded — resume with the same world size")
+        self.engine.load(folder.parent, folder.name)
+        state = torch.load(folder / f"unimrg_rank{self.rank}.pt", weights_only=False)
+        self.step = state["step"]
+        self.loaders.load_state_dict(state["loaders"])
+        self.objective.load_state_dict(state["objective"])
+        self.samples_seen.update(state["samples_seen"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+
+    def export_final(self) -> None:
+        """Consolidated weights in RUN/final/model.pt (each adapter exports official layouts from it)."""
+        sd = self.engine.full_state_dict()
+        if self.rank == 0:
+            (self.run_dir / "final").mkdir(parents=True, exist_ok=True)
+            torch.save(sd, self.run_dir / "final" / "model.pt")
+        dist.barrier()
+
+    # ---- run bookkeeping -----------------------------------------------------------------------
+    def write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.resolved.yaml").write_text(to_yaml(self.cfg))
+        (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+
+    def on_signal(self, signum, frame) -> None:
+        # Only set a flag: checkpointing mid-step would tear the accumulation.
+        self.stop_requested = True
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank if any rank saw a stop signal."""
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    @staticmethod
+    def seed_rank(seed: int) -> None:
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.metrics.close()
+        dist.barrier()
+
+
+def run(cfg: Config) -> int:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        sys.stdout.flush()
