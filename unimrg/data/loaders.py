@@ -1,0 +1,418 @@
+"""One Energon savable loader per task, so every micro-batch of a task has exactly ``micro_batch`` samples.
+
+A blend of the four streams cannot give fixed per-task counts (notes/energon.md), so each task has
+its own dataset, loader and state; the objective asks for the task it needs (``next(task)``), and a
+checkpoint stores the dict of per-task loader states.
+
+Datasets are Energon ``CrudeWebdataset``s (the scene generator writes them; ``energon prepare
+--sample-type CrudeWebdataset`` prepares any other webdataset). Energon's decoder is off: this module
+decodes every part itself, because the default decoder turns a 16-bit depth PNG into 8 bits.
+
+Parts per task: und ``jpg|jpeg|png`` + ``json`` (a LLaVA record, see unimrg.data.llava); pix the
+image; depth the image + ``depth.png`` (16-bit or 8-bit grey); seg the image + ``seg.png`` (boundary map).
+
+Bad input. A sample whose parts cannot be decoded (corrupt image, bad JSON, missing part) is skipped
+in the worker -- Energon keeps collecting until the batch is full -- and reported *in-band*: the batch
+carries the (key, shard, error) of every sample skipped while it was collected, so the counts are
+exact with any number of worker processes and survive resume (a restored loader re-collects the same
+batches). The main process counts and warns (``CorruptSampleWarning``, naming task, key and shard).
+More than ``max_consecutive_failures`` undecodable samples in a row raise ``TaskDataError`` naming the
+task and the failing shard: a broken task stops training instead of silently vanishing. Any other
+exception is re-raised (``global_error_handler=reraise_exception``): Energon's default handler would
+log and drop it.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from megatron.energon import (
+    Batch,
+    Cooker,
+    DefaultTaskEncoder,
+    Sample,
+    SkipSample,
+    WorkerConfig,
+    basic_sample_keys,
+    cooker,
+    edataclass,
+    get_savable_loader,
+    get_train_dataset,
+    reraise_exception,
+    stateless,
+)
+
+from unimrg.data.batches import GenerationBatch, UnderstandingBatch
+from unimrg.data.llava import LlavaFormatError, parse_record_bytes
+from unimrg.tasks import DEPTH, PIX, SEG, TASKS, UND
+
+# energon's loader always asks torch for pinned memory; on a CPU-only machine torch warns at every
+# loader start. Only that message is silenced.
+warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true but no accelerator",
+                        category=UserWarning)
+
+IMAGE_PARTS = ("jpg", "jpeg", "png", "webp")
+TARGET_PART = {DEPTH: "depth.png", SEG: "seg.png"}
+STATE_FORMAT = 1
+
+
+@dataclass
+class DataConfig:
+    """Where the four task datasets are and how they are read."""
+
+    root: str = ""                                         # holds und/ pix/ depth/ seg/
+    paths: dict[str, str] = field(default_factory=dict)   # per-task overrides of root/<task>
+    num_workers: int = 1               # loader processes per task and rank; resume needs the same value
+    shuffle_buffer_size: int = 64
+    max_samples_per_sequence: int = 64  # samples read in a row from one shard slice before switching
+    max_consecutive_failures: int = 16  # more undecodable samples in a row: the task is broken
+    scenes: int = 0                    # > 0: generate this many scenes into a missing root (launcher)
+    scene_size: int = 64
+    scene_seed: int = 0
+    scene_shards: int = 2
+
+    def path(self, task: str) -> Path:
+        if task in self.paths:
+            return Path(self.paths[task])
+        if not self.root:
+            raise ValueError(f"data.root is empty and data.paths has no entry for task {task!r}; "
+                             f"set data.root=DIR (generate one with: python -m unimrg.data.scenes --out DIR)")
+        return Path(self.root) / task
+
+
+def check_data_paths(cfg: DataConfig, tasks: Sequence[str]) -> None:
+    """Fail early (e.g. in --dry-run) if a task's dataset is missing or not prepared for Energon."""
+    problems = []
+    for task in tasks:
+        if task not in TASKS:
+            problems.append(f"unknown task {task!r} (expected one of {TASKS})")
+            continue
+        p = cfg.path(task)
+        if not (p / ".nv-meta" / "dataset.yaml").is_file():
+            problems.append(f"task {task!r}: {p} is not a prepared Energon dataset (no .nv-meta/dataset.yaml)")
+    if problems:
+        raise FileNotFoundError("; ".join(problems) + ". Generate scene data with `python -m "
+                                "unimrg.data.scenes --out DIR` (or set data.scenes=N) or run `energon "
+                                "prepare DIR --sample-type CrudeWebdataset` on your shards.")
+
+
+def ensure_scene_data(cfg: DataConfig, tasks: Sequence[str]) -> None:
+    """If ``cfg.scenes > 0`` and the root has no datasets yet, generate scenes there (call once, before
+    the ranks start); then check every task's dataset exists."""
+    if cfg.scenes > 0 and cfg.root and not any((Path(cfg.root) / t).exists() for t in TASKS):
+        from unimrg.data.scenes import write_scene_datasets
+
+        write_scene_datasets(cfg.root, cfg.scenes, cfg.scene_size, cfg.scene_seed, cfg.scene_shards)
+    check_data_paths(cfg, tasks)
+
+
+class TaskDataError(RuntimeError):
+    """A task's data is broken (too many undecodable samples in a row) or its loader failed."""
+
+
+class CorruptSampleWarning(UserWarning):
+    """A sample was skipped because its parts could not be decoded."""
+
+
+# ------------------------------------------------------------------ energon sample / batch types
+
+@edataclass
+class RawSample(Sample):
+    parts: dict  # part name ("jpg", "json", "depth.png", ...) -> bytes, undecoded
+
+
+@stateless
+@cooker
+def cook_raw(sample: dict) -> RawSample:
+    """Keep the bytes: decoding happens after the shuffle buffer, in encode_sample, so that a skipped
+    sample is reported with the batch that was collected around it."""
+    return RawSample(**basic_sample_keys(sample),
+                     parts={k: v for k, v in sample.items() if not k.startswith("__")})
+
+
+@edataclass
+class EncodedSample(Sample):
+    image: torch.Tensor                 # (3, S, S) uint8
+    target: Optional[torch.Tensor]      # (1, S, S) float32 in [0, 1] (depth / seg); None otherwise
+    conversation: Optional[list]        # und: [{"from", "value"}, ...]
+
+
+@edataclass
+class RawTaskBatch(Batch):
+    images: torch.Tensor                # (B, 3, S, S) uint8
+    targets: Optional[torch.Tensor]     # (B, 1, S, S) float32 (depth / seg); None otherwise
+    conversations: list
+    skipped: list                       # [(key, shard, error)] skipped while collecting this batch
+
+
+class DataDecodeError(ValueError):
+    """A sample's parts are missing or cannot be decoded."""
+
+
+def _shard_of(sample: Sample) -> str:
+    src = (sample.__sources__ or ())
+    if not src:
+        return "<unknown shard>"
+    s = src[0]
+    return f"{s.dataset_path}/{s.shard_name}"
+
+
+def _open_image(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()  # decode now: a truncated file fails here, not later in a resize
+    return img
+
+
+def decode_rgb(data: bytes, size: int) -> torch.Tensor:
+    """Image bytes -> (3, size, size) uint8. Squashed to a square with bicubic resampling (each model
+    adapter re-resizes for its own encoders; the loader only fixes one batchable size)."""
+    img = _open_image(data).convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def decode_depth(data: bytes, size: int) -> torch.Tensor:
+    """Depth PNG (16-bit or 8-bit grey) -> (1, size, size) float32 in [0, 1].
+
+    Resized as a float map with bilinear filtering: it is how the paper brings Depth Anything's
+    prediction back to the image size (Appendix B.2), and bilinear weights are non-negative, so the
+    result stays in [0, 1] with no ringing (bicubic overshoots); nearest would make steps of the
+    smooth floor and wall gradients."""
+    img = _open_image(data)
+    a = np.asarray(img)
+    if a.ndim == 3:
+        a = np.asarray(img.convert("L"))
+    if a.dtype == np.uint8:
+        d = a.astype(np.float32) / 255.0
+    elif a.dtype in (np.uint16, np.int32, np.uint32) or img.mode.startswith("I"):
+        d = a.astype(np.float32) / 65535.0   # 16-bit PNG (Pillow may report mode I / int32)
+    else:
+        raise DataDecodeError(f"depth map has unsupported mode {img.mode} / dtype {a.dtype}; "
+                              f"expected an 8- or 16-bit grey PNG")
+    if d.shape != (size, size):
+        d = np.asarray(Image.fromarray(d, mode="F").resize((size, size), Image.BILINEAR))
+    return torch.from_numpy(np.clip(d, 0.0, 1.0).astype(np.float32))[None]
+
+
+def decode_boundary(data: bytes, size: int) -> torch.Tensor:
+    """Boundary PNG (grey or RGB, white on black) -> (1, size, size) float32 in [0, 1].
+    NEAREST resize keeps it binary, as the official code resizes masks (notes/official-code.md)."""
+    img = _open_image(data).convert("L")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.NEAREST)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+
+
+class TaskEncoder(DefaultTaskEncoder[RawSample, EncodedSample, RawTaskBatch, RawTaskBatch]):
+    """Decodes one task's samples; skips (and records) undecodable ones.
+
+    The skip log and the failure run live in the worker's copy of this encoder. Both are reset at
+    every batch: a batch ends right after a successful sample, so no failure run crosses a batch
+    boundary and a restored loader starts with the same (empty) log the original had."""
+
+    cookers = [Cooker(cook_raw)]
+
+    def __init__(self, task: str, image_size: int, max_consecutive_failures: int):
+        super().__init__()
+        self.decoder = None  # raw bytes reach cook_raw; see the module docstring
+        self.task = task
+        self.image_size = image_size
+        self.max_consecutive_failures = max_consecutive_failures
+        self._skipped: list[tuple[str, str, str]] = []
+        self._failure_run = 0
+
+    def _decode(self, s: RawSample) -> EncodedSample:
+        parts = s.parts
+        img_part = next((p for p in IMAGE_PARTS if p in parts), None)
+        if img_part is None:
+            why = " (a text-only record: UnderstandingBatch needs an image)" if "json" in parts else ""
+            raise DataDecodeError(f"no image part ({'/'.join(IMAGE_PARTS)}) among {sorted(parts)}{why}")
+        image = decode_rgb(parts[img_part], self.image_size)
+        target, conversation = None, None
+        if self.task == UND:
+            if "json" not in parts:
+                raise DataDecodeError(f"no 'json' part (LLaVA record) among {sorted(parts)}")
+            rec = parse_record_bytes(parts["json"], source=f"{_shard_of(s)}:{s.__key__}.json")
+            if not rec.has_image:
+                raise DataDecodeError("the LLaVA record has no 'image' (text-only) but the sample has an "
+                                      "image part; add the record's image path or drop the image")
+            conversation = rec.conversations
+        elif self.task in TARGET_PART:
+            name = TARGET_PART[self.task]
+            if name not in parts:
+                raise DataDecodeError(f"no {name!r} part among {sorted(parts)}")
+            decode = decode_depth if self.task == DEPTH else decode_boundary
+            target = decode(parts[name], self.image_size)
+        return EncodedSample.derive_from(s, image=image, target=target, conversation=conversation)
+
+    @stateless
+    def encode_sample(self, sample: RawSample) -> EncodedSample:
+        try:
+            out = self._decode(sample)
+        # PIL raises OSError (truncated / unidentified), SyntaxError (some broken PNG headers),
+        # ValueError, EOFError; DecompressionBombError is an Exception subclass of its own.
+        except (OSError, SyntaxError, ValueError, EOFError, KeyError, LlavaFormatError,
+                Image.DecompressionBombError) as e:
+            shard = _shard_of(sample)
+            self._failure_run += 1
+            err = f"{type(e).__name__}: {e}"
+            if self._failure_run > self.max_consecutive_failures:
+                raise TaskDataError(
+                    f"task {self.task!r}: {self._failure_run} samples in a row could not be decoded "
+                    f"(more than data.max_consecutive_failures={self.max_consecutive_failures}); the "
+                    f"last one is {sample.__key__} in {shard}: {err}. The task's data is broken: check or "
+                    f"regenerate that dataset.") from e
+            self._skipped.append((str(sample.__key__), shard, err))
+            raise SkipSample() from e
+        self._failure_run = 0
+        return out
+
+    @stateless
+    def batch(self, samples: list[EncodedSample]) -> RawTaskBatch:
+        skipped, self._skipped, self._failure_run = self._skipped, [], 0
+        targets = samples[0].target
+        return RawTaskBatch.from_samples(
+            samples,
+            images=torch.stack([s.image for s in samples]),
+            targets=None if targets is None else torch.stack([s.target for s in samples]),
+            conversations=[s.conversation for s in samples],
+            skipped=skipped,
+        )
+
+
+# ------------------------------------------------------------------------------------- loaders
+
+class TaskLoaders:
+    """One Energon savable loader per task: every micro-batch of task t has exactly micro_batch samples."""
+
+    def __init__(self, cfg: DataConfig, tasks: Sequence[str], micro_batch: int, image_size: int,
+                 rank: int, world_size: int, seed: int):
+        """Args: rank / world_size are the *data-parallel* ones; seed offsets the shuffling."""
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"data-parallel rank {rank} is outside world size {world_size}")
+        check_data_paths(cfg, tasks)
+        self.cfg, self.tasks = cfg, tuple(tasks)
+        self.micro_batch, self.image_size = micro_batch, image_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self._skipped = {t: 0 for t in self.tasks}
+        self._loaders = {t: self._build(t) for t in self.tasks}
+        self._iters: dict[str, Any] = {}
+
+    def _build(self, task: str):
+        # A distinct shuffle seed per task: with one seed, the four streams of the scene data (same
+        # keys, same shards) would show the same scene to every task at every step.
+        wc = WorkerConfig(rank=self.rank, world_size=self.world_size, num_workers=self.cfg.num_workers,
+                          seed_offset=self.seed * len(TASKS) + TASKS.index(task),
+                          global_error_handler=reraise_exception)
+        ds = get_train_dataset(
+            str(self.cfg.path(task)), worker_config=wc, batch_size=self.micro_batch,
+            shuffle_buffer_size=self.cfg.shuffle_buffer_size,
+            max_samples_per_sequence=self.cfg.max_samples_per_sequence,
+            task_encoder=TaskEncoder(task, self.image_size, self.cfg.max_consecutive_failures),
+            repeat=True)
+        return get_savable_loader(ds)
+
+    def next(self, task: str) -> UnderstandingBatch | GenerationBatch:
+        if task not in self._loaders:
+            raise KeyError(f"task {task!r} has no loader; enabled tasks: {self.tasks}")
+        if task not in self._iters:
+            # A torch DataLoader draws its worker base seed from the global RNG when an iterator is
+            # made; fork so that a resumed run (iterators made later) keeps the same training noise.
+            with torch.random.fork_rng(devices=[]):
+                self._iters[task] = iter(self._loaders[task])
+        try:
+            raw: RawTaskBatch = next(self._iters[task])
+        except TaskDataError:
+            raise
+        except Exception as e:  # a worker failure arrives re-wrapped; name the task and dataset
+            raise TaskDataError(f"task {task!r}: loading from {self.cfg.path(task)} failed: "
+                                f"{type(e).__name__}: {e}") from e
+        for key, shard, err in raw.skipped:
+            self._skipped[task] += 1
+            warnings.warn(f"task {task!r}: skipped undecodable sample {key} in {shard} ({err}); "
+                          f"{self._skipped[task]} skipped so far", CorruptSampleWarning, stacklevel=2)
+        keys = [str(k) for k in raw.__key__]
+        if len(keys) != self.micro_batch:   # the promise the trainer relies on
+            raise TaskDataError(f"task {task!r}: got a batch of {len(keys)}, expected {self.micro_batch}")
+        if task == UND:
+            return UnderstandingBatch(images=raw.images, conversations=raw.conversations, keys=keys)
+        if task == PIX:
+            targets = raw.images.float() / 255.0
+        else:
+            targets = raw.targets.expand(-1, 3, -1, -1).contiguous()  # (B, 3, S, S), equal channels
+        return GenerationBatch(task=task, images=raw.images, targets=targets, keys=keys)
+
+    def close(self) -> None:
+        """Stop the loader worker processes now (also called when the object is deleted).
+
+        Why this exists: an energon savable loader sits in a reference cycle (it keeps its own epoch
+        generator). When the garbage collector breaks the cycle it first finalises the index queues,
+        so torch's shutdown signal is never sent and every worker lingers for torch's 5 s status
+        timeout before being killed -- 20 s for four tasks. Closing the generator and shutting
+        the torch iterator down explicitly avoids that."""
+        for it in self._iters.values():
+            it.close()
+        self._iters.clear()
+        for loader in self._loaders.values():
+            torch_iter = getattr(loader, "_iterator", None)   # persistent workers live here
+            if torch_iter is not None and hasattr(torch_iter, "_shutdown_workers"):
+                torch_iter._shutdown_workers()
+            loader._iterator = None
+        self._loaders.clear()
+
+    def __del__(self) -> None:
+        if getattr(self, "_loaders", None):
+            self.close()
+
+    def __enter__(self) -> "TaskLoaders":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def skipped(self) -> dict[str, int]:
+        """Undecodable samples skipped so far, per task (carried across resume)."""
+        return dict(self._skipped)
+
+    def state_dict(self) -> dict:
+        """Per-task loader states. Plain types only (the energon state is pickled to bytes), so a
+        checkpoint loads with ``torch.load(weights_only=True)``."""
+        return {
+            "format": STATE_FORMAT,
+            "num_workers": self.cfg.num_workers, "world_size": self.world_size, "rank": self.rank,
+            "micro_batch": self.micro_batch,
+            "loaders": {t: pickle.dumps(l.save_state_rank()) for t, l in self._loaders.items()},
+            "skipped": dict(self._skipped),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the loaders' positions; call before the first ``next``."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"loader state format {state.get('format')!r}, expected {STATE_FORMAT}")
+        # energon needs the same worker count (else a bare AssertionError); the others change the data order
+        for name, now in (("num_workers", self.cfg.num_workers), ("world_size", self.world_size),
+                          ("rank", self.rank), ("micro_batch", self.micro_batch)):
+            if state[name] != now:
+                raise ValueError(f"loader state was saved with {name}={state[name]}, this run has {now}; "
+                                 f"resume with the same value (data.{name} / launch settings)")
+        missing = [t for t in self.tasks if t not in state["loaders"]]
+        if missing:
+            raise ValueError(f"loader state has no entry for tasks {missing} (it has "
+                             f"{sorted(state['loaders'])}); resume with the same task set")
+        if self._iters:
+            raise RuntimeError("load_state_dict must be called before the first next()")
+        for t in self.tasks:
+            self._loaders[t].restore_state_rank(pickle.loads(state["loaders"][t]))
+            self._skipped[t] = int(state["skipped"].get(t, 0))
