@@ -10,7 +10,9 @@ import importlib
 from unimrg.models.base import ModelConfig, UMMAdapter
 
 _ADAPTERS = {
+    "harmon": "unimrg.models.harmon:Harmon",
     "openuni": "unimrg.models.openuni:OpenUni",
+    "showo": "unimrg.models.showo:Showo",
 }
 
 

@@ -1,0 +1,1 @@
+"""Evaluation: samplers, depth similarity, qualitative grids."""

@@ -1,0 +1,475 @@
+"""OpenUni (InternVL3 + 256 meta queries + connector + SANA + DC-AE) behind the UniMRG adapter protocol.
+
+Structure and losses follow wusize/OpenUni `src/models/openuni/internvl3_sana_hf.py` (class
+`OpenUniInternVL3SANAHF`, image2image path as used by RecA), with the understanding model in
+transformers' own `InternVLForConditionalGeneration` layout instead of the vendored remote code.
+Attribute names are the official top-level prefixes: `lmm`, `meta_queries`, `connector`, `projector`,
+`transformer`, `vae`.
+
+ZeRO-3: every weight is used through a submodule's forward (or, for `meta_queries`, inside this
+module's forward), so DeepSpeed's hooks gather partitioned parameters; nothing here reads weight
+values outside a forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderDC, SanaTransformer2DModel
+from torch import nn
+from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerBase
+from transformers.models.siglip.modeling_siglip import SiglipEncoder
+
+from unimrg.data.batches import GenerationBatch, UnderstandingBatch
+from unimrg.models.base import ModelConfig, UMMAdapter
+from unimrg.models.official_io import KeyReport
+from unimrg.models.openuni.arch import (
+    ENDOFTEXT, IM_END, IM_START, IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT, IMG_END, IMG_START, INTERNVL_SYSTEM,
+    NUM_TRAIN_TIMESTEPS, OpenUniArch, arch_for)
+
+IGNORE_INDEX = -100
+TINY_SPECIAL_TOKENS = (IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, ENDOFTEXT)
+
+
+@dataclass
+class OpenUniConfig(ModelConfig):
+    """OpenUni-L-512 (InternVL3-2B + SANA-1600M-512px). Architecture numbers come from ``size``
+    (see ``unimrg/models/openuni/arch.py``); these fields are what a run may choose."""
+
+    name: str = "openuni"
+    # Full size: local folder with the InternVL3-2B tokenizer (default: internvl_path).
+    tokenizer: str | None = None
+    # Official weights (local folders; `checkpoint` is the OpenUni release file, loaded last so it wins):
+    internvl_path: str | None = None  # InternVL3-2B, original (vision_model/mlp1/language_model) or -hf layout
+    sana_path: str | None = None      # Sana_1600M_512px_diffusers (pipeline folder or its transformer/)
+    vae_path: str | None = None       # dc-ae-f32c32-sana-1.1-diffusers (or a pipeline folder with vae/)
+    # fnmatch patterns of adapter keys that may stay unloaded / file keys that may be dropped.
+    allow_missing: list[str] = field(default_factory=list)
+    allow_unexpected: list[str] = field(default_factory=list)
+    # None = InternVL3's default system prompt at full size, none at tiny size (keeps tiny sequences short).
+    system_message: str | None = None
+    max_length: int = 2048            # OpenUni's `max_length`: longer prompts keep their last tokens
+    # OpenUni extracts the generation condition (InternViT + mlp1) under no_grad, so mlp1 learns only from
+    # the understanding loss; True lets generation losses reach mlp1 as well.
+    generation_grad_to_projector: bool = False
+
+
+def build_tokenizer(cfg: OpenUniConfig) -> PreTrainedTokenizerBase | None:
+    """Byte tokenizer with the chat/image special tokens (tiny), or the local InternVL3 tokenizer (full)."""
+    if cfg.size == "tiny":
+        from unimrg.models.tokenizer import build_byte_tokenizer
+        return build_byte_tokenizer(TINY_SPECIAL_TOKENS, pad_token=ENDOFTEXT, eos_token=IM_END)
+    folder = cfg.tokenizer or cfg.internvl_path
+    if folder is None:
+        return None  # meta-device builds and weight conversion need no tokenizer; losses ask for it
+    from transformers import AutoTokenizer
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"OpenUni tokenizer folder {folder!r} does not exist; set model.tokenizer (or "
+                                "model.internvl_path) to the local InternVL3-2B folder")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+class OpenUni(UMMAdapter):
+    """UniMRG adapter for OpenUni. ``OpenUni(OpenUniConfig(size="tiny"))`` builds a random tiny model."""
+
+    config_class = OpenUniConfig
+
+    def __init__(self, cfg: OpenUniConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = build_tokenizer(cfg)
+        tok = self.tokenizer
+        if cfg.size == "tiny":
+            arch = arch_for("tiny", vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT))
+        else:
+            arch = arch_for(cfg.size)
+        self.arch: OpenUniArch = arch
+        if tok is not None:
+            _check_tokenizer(tok, arch, cfg.tokenizer or cfg.internvl_path)
+        self.system_message = (INTERNVL_SYSTEM if cfg.size == "full" else "") \
+            if cfg.system_message is None else cfg.system_message
+
+        # --- understanding model (InternViT + mlp1 + Qwen2.5 + lm_head), transformers layout -------------
+        arch.internvl._attn_implementation = "sdpa"   # flash-attn is not available on CPU; sdpa everywhere
+        self.lmm = InternVLForConditionalGeneration(arch.internvl)
+        hidden = arch.internvl.text_config.hidden_size
+        # --- generation bridge ----------------------------------------------------------------------
+        # (num_queries, hidden), N(0, 1/hidden) as in OpenUni.
+        self.meta_queries = nn.Parameter(torch.empty(arch.num_queries, hidden))
+        nn.init.normal_(self.meta_queries, std=1 / math.sqrt(hidden))
+        arch.connector._attn_implementation = "sdpa"
+        # The official ConnectorEncoder has exactly SiglipEncoder's keys and maths (pre-LN, no final norm).
+        self.connector = SiglipEncoder(arch.connector)
+        _init_connector(self.connector)
+        # proj_type "enc_proj": connector at LLM width, then Linear to SANA's caption channels.
+        self.projector = nn.Linear(arch.connector.hidden_size, arch.sana["caption_channels"])
+        # --- generator ------------------------------------------------------------------------------
+        self.transformer = SanaTransformer2DModel(**arch.sana)
+        self.vae = AutoencoderDC(**arch.vae)
+        self._schedule: tuple[torch.Tensor, torch.Tensor] | None = None  # built lazily (meta-safe)
+
+    # ---- protocol ------------------------------------------------------------------------------
+    def frozen_module_names(self) -> list[str]:
+        # UniMRG freezes the understanding encoder when it is not shared with generation (InternViT) and
+        # the VAE; LLM, mlp1, queries, connector, projector and SANA train.
+        return ["lmm.model.vision_tower", "vae"]
+
+    def understanding_module_names(self) -> list[str]:
+        """What the paper's second stage freezes ("understanding part"): the whole InternVL3 model."""
+        return ["lmm"]
+
+    def understanding_loss(self, batch: UnderstandingBatch) -> torch.Tensor:
+        device, dtype = self._device_dtype()
+        ids, labels, mask = self._conversation_ids(batch)
+        pixel_values = self._vit_pixels(batch.images, device, dtype)        # (B, 3, 448, 448) normalised
+        out = self.lmm(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pixel_values,
+                       labels=labels.to(device), use_cache=False)
+        return out.loss                                                      # fp32 (HF upcasts logits)
+
+    def generation_loss(self, batch: GenerationBatch) -> torch.Tensor:
+        cond = self.condition(batch.images, batch.prompts, keys=batch.keys, task=batch.task)  # (B, Q, caption)
+        latents = self.encode_targets(batch.targets)                         # (B, C, h, w), scaled
+        return self._flow_matching_loss(latents, cond)
+
+    # ---- generation pieces (shared with sampling) ------------------------------------------------
+    def condition(self, images: torch.Tensor, prompts: list[str], keys: list[str] = (),
+                  task: str = "generation") -> torch.Tensor:
+        """SANA's ``encoder_hidden_states`` for each (image, prompt): InternVL features of the image in the
+        IMG_CONTEXT slots of ``<img>…</img>\\n{prompt}`` (chat format), then the queries; the queries' last
+        hidden states go through connector and projector. ``prompt == ""`` is the unconditional branch
+        (the image features stay). Returns (B, num_queries, caption_channels)."""
+        device, dtype = self._device_dtype()
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"OpenUni {task}: {images.shape[0]} images but {len(prompts)} prompts "
+                             f"(keys {list(keys)[:3]}...); the objective must fill GenerationBatch.prompts "
+                             "(\"\" for unconditional)")
+        grad = self.cfg.generation_grad_to_projector and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad):
+            feats = self.lmm.model.get_image_features(                      # (B, N, hidden)
+                pixel_values=self._vit_pixels(images, device, dtype)).pooler_output
+        ids, mask = self._generation_prompt_ids(prompts, n_image_tokens=feats.shape[1])
+        ids, mask = ids.to(device), mask.to(device)
+        embeds = self.lmm.get_input_embeddings()(ids)                       # (B, L, hidden)
+        image_slots = (ids == self.arch.internvl.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(image_slots, feats.to(embeds.dtype))
+        if embeds.shape[1] > self.cfg.max_length:                           # OpenUni keeps the last tokens
+            embeds, mask = embeds[:, -self.cfg.max_length:], mask[:, -self.cfg.max_length:]
+        b, q = embeds.shape[0], self.arch.num_queries
+        queries = self.meta_queries.unsqueeze(0).expand(b, q, -1).to(embeds.dtype)   # (B, Q, hidden)
+        embeds = torch.cat([embeds, queries], dim=1)
+        mask = torch.cat([mask, mask.new_ones(b, q)], dim=1)
+        # Right padding sits between prompt and queries; positions skip it (OpenUni prepare_forward_input).
+        position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        hidden = self.lmm.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                               position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = hidden[:, -q:]                                             # (B, Q, hidden)
+        return self.projector(self.connector(inputs_embeds=hidden).last_hidden_state)
+
+    def encode_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Float [0, 1] (B, 3, H, W) → scaled DC-AE latents (B, C, S/f, S/f) at the generation size."""
+        device, dtype = self._device_dtype()
+        x = _resize(targets.to(device=device, dtype=torch.float32), self.arch.gen_image_size)
+        x = (x * 2 - 1).to(dtype)                                           # the VAE reads [-1, 1]
+        with torch.no_grad():
+            return self.vae.encode(x).latent * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → float images in [0, 1], (B, 3, S, S)."""
+        with torch.no_grad():
+            x = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    # ---- sampling --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, images: torch.Tensor, prompts: list[str], *, negative_prompts: list[str] | None = None,
+               cfg_scale: float = 4.5, num_steps: int = 20, seed: int = 0, scheduler: str = "dpm") -> torch.Tensor:
+        """Generate from (image, prompt) pairs as OpenUni's inference does: SanaPipeline on precomputed
+        condition embeddings, classifier-free guidance against ``negative_prompts`` (default "": the
+        unconditional branch trained by prompt dropout; the image features stay in both branches).
+
+        ``scheduler``: "dpm" (DPM-Solver++ with flow sigmas, shift 3 — OpenUni's test scheduler) or "euler"
+        (flow-match Euler, shift 3). Same seed → same output. Returns float (B, 3, S, S) in [0, 1]."""
+        from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, SanaPipeline
+
+        from unimrg.models.openuni.arch import SAMPLING_FLOW_SHIFT
+        device, dtype = self._device_dtype()
+        was_training = self.training
+        self.eval()
+        try:
+            b = images.shape[0]
+            cond = self.condition(images, prompts)                           # (B, Q, caption)
+            neg = self.condition(images, negative_prompts if negative_prompts is not None else [""] * b)
+            if scheduler == "dpm":
+                sched = DPMSolverMultistepScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+                                                    flow_shift=SAMPLING_FLOW_SHIFT, use_flow_sigmas=True,
+                                                    prediction_type="flow_prediction")
+            elif scheduler == "euler":
+                sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+                                                        shift=SAMPLING_FLOW_SHIFT)
+            else:
+                raise ValueError(f"unknown scheduler {scheduler!r}; use 'dpm' or 'euler'")
+            pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=self.vae, transformer=self.transformer,
+                                scheduler=sched)
+            pipe.set_progress_bar_config(disable=True)
+            ones = torch.ones(b, cond.shape[1], dtype=torch.bool, device=device)
+            size = self.arch.gen_image_size
+            latents = pipe(prompt=None, negative_prompt=None, prompt_embeds=cond, prompt_attention_mask=ones,
+                           negative_prompt_embeds=neg, negative_prompt_attention_mask=ones, height=size, width=size,
+                           num_inference_steps=num_steps, guidance_scale=cfg_scale,
+                           generator=torch.Generator(device=device).manual_seed(seed), output_type="latent",
+                           use_resolution_binning=False, complex_human_instruction=None).images
+            return self.decode_latents(latents.to(dtype))
+        finally:
+            self.train(was_training)
+
+    # ---- official weights ------------------------------------------------------------------------
+    def load_official(self, path: str | None = None) -> KeyReport:
+        """Load InternVL3-2B (``cfg.internvl_path``), SANA (``cfg.sana_path``), DC-AE (``cfg.vae_path``) and
+        then the OpenUni checkpoint ``path`` (overrides what it contains). Fails naming every key no source
+        provides or no parameter takes, unless ``cfg.allow_missing`` / ``cfg.allow_unexpected`` allow it."""
+        from unimrg.models.official_io import load_checked
+        from unimrg.models.openuni import weights as W
+        cfg = self.cfg
+        sources = []
+        if cfg.internvl_path:
+            sources.append(W.read_internvl(cfg.internvl_path))
+        if cfg.sana_path:
+            sources.append(W.read_diffusers(cfg.sana_path, "transformer", self.arch.sana, "transformer."))
+        if cfg.vae_path:
+            sources.append(W.read_diffusers(cfg.vae_path, "vae", self.arch.vae, "vae."))
+        if path:
+            sources.append(W.read_openuni_checkpoint(path))
+        if not sources:
+            raise ValueError("OpenUni.load_official: nothing to load; set model.checkpoint (OpenUni release file) "
+                             "and/or model.internvl_path, model.sana_path, model.vae_path")
+        state: dict[str, torch.Tensor] = {}
+        origin: dict[str, str] = {}
+        unexpected: list[tuple[str, str]] = []
+        for src in sources:
+            state.update(src.state)
+            origin.update(dict.fromkeys(src.state, src.what))
+            unexpected += [(k, src.what) for k in src.unexpected]
+        report = load_checked(self, state, what="OpenUni official weights (" + "; ".join(s.what for s in sources) + ")")
+        unexpected += [(k, origin[k]) for k in report.unexpected]
+        report.unexpected = [f"{k} (from {w})" for k, w in unexpected]
+        W.check_keys(report.missing, unexpected, cfg.allow_missing, cfg.allow_unexpected, report.what)
+        return report
+
+    def export_official(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write (a) ``openuni.pth``, the OpenUni release layout the official inference code loads, and (b)
+        ``internvl_hf/``, the understanding model as a transformers ``save_pretrained`` folder (+ tokenizer);
+        when ``cfg.internvl_path`` is an original-layout folder, also (c) ``internvl_original/``: that folder's
+        config/code/tokenizer files with the trained weights, for toolkits that load the remote-code model."""
+        from unimrg.models.official_io import write_state_dict
+        from unimrg.models.openuni import weights as W
+        self._check_materialised("export_official")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict()
+        paths = {"openuni": write_state_dict(W.openuni_checkpoint_state(state), out / "openuni.pth")}
+        hf = out / "internvl_hf"
+        self.lmm.save_pretrained(hf)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(hf)
+        if self.cfg.internvl_path and W.internvl_layout(self.cfg.internvl_path) == "transformers":
+            W.copy_non_weight_files(self.cfg.internvl_path, hf, overwrite=False)  # processor / chat template
+        paths["internvl_hf"] = hf
+        if self.cfg.internvl_path and W.internvl_layout(self.cfg.internvl_path) == "original":
+            orig = out / "internvl_original"
+            orig.mkdir(exist_ok=True)
+            W.copy_non_weight_files(self.cfg.internvl_path, orig, overwrite=True)
+            lmm = {k[len("lmm."):]: v for k, v in state.items() if k.startswith("lmm.")}
+            write_state_dict(W.internvl_hf_to_original(lmm), orig / "model.safetensors")
+            paths["internvl_original"] = orig
+        return paths
+
+    def component_counts(self) -> dict[str, int]:
+        """Parameters per component (works on the meta device). ``embed_tokens`` is part of ``language_model``."""
+        m = self.lmm.model
+        parts = {"vision_tower": m.vision_tower, "multi_modal_projector": m.multi_modal_projector,
+                 "language_model": m.language_model, "embed_tokens": m.language_model.embed_tokens,
+                 "lm_head": self.lmm.lm_head, "connector": self.connector, "projector": self.projector,
+                 "transformer": self.transformer, "vae": self.vae}
+        counts = {k: sum(p.numel() for p in v.parameters()) for k, v in parts.items()}
+        counts["meta_queries"] = self.meta_queries.numel()
+        return counts
+
+    def _check_materialised(self, what: str) -> None:
+        if any(hasattr(p, "ds_id") for p in self.parameters()):
+            raise RuntimeError(f"OpenUni.{what}: parameters are partitioned by ZeRO-3; consolidate first (load the "
+                               "checkpoint's fp32 state dict into a plain model) and call it there")
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        # Metadata only: under ZeRO-3 a partitioned parameter keeps its dtype and device.
+        p = next(self.projector.parameters())
+        return p.device, p.dtype
+
+    def _train_schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps, sigmas), each (1000,) float32 on CPU: FlowMatchEulerDiscreteScheduler, shift 1."""
+        if self._schedule is None:
+            from diffusers import FlowMatchEulerDiscreteScheduler
+            with torch.device("cpu"):  # the model may have been built under a meta/cuda default device
+                s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1.0)
+                self._schedule = (s.timesteps.float().cpu(), s.sigmas[:NUM_TRAIN_TIMESTEPS].float().cpu())
+        return self._schedule
+
+    def _flow_matching_loss(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Rectified flow as OpenUni's `diff_loss`: u ~ U[0,1) (weighting "none"), t = timesteps[u·1000],
+        z_t = (1−σ)·z + σ·ε, target ε − z, unweighted MSE."""
+        timesteps, sigmas = self._train_schedule()
+        b = latents.shape[0]
+        idx = (torch.rand(b) * NUM_TRAIN_TIMESTEPS).long()                  # CPU RNG, as diffusers' sampler
+        t = timesteps[idx].to(latents.device)
+        sigma = sigmas[idx].to(device=latents.device, dtype=latents.dtype).view(b, 1, 1, 1)
+        noise = torch.randn_like(latents)
+        noisy = (1.0 - sigma) * latents + sigma * noise
+        pred = self.transformer(hidden_states=noisy, encoder_hidden_states=cond, timestep=t,
+                                return_dict=False)[0]
+        target = noise - latents
+        return ((pred.float() - target.float()) ** 2).reshape(b, -1).mean(dim=1).mean()
+
+    def _vit_pixels(self, images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """uint8 (B, 3, H, W) → ImageNet-normalised (B, 3, S, S) at InternViT's input size."""
+        if images.dtype != torch.uint8:
+            raise TypeError(f"OpenUni expects uint8 images (B, 3, H, W), got {images.dtype}")
+        x = _resize(images.to(device=device, dtype=torch.float32) / 255.0, self.arch.vit_image_size)
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(dtype)
+
+    def _tok(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise ValueError("OpenUni(size='full') needs its tokenizer: set model.tokenizer=<local InternVL3-2B "
+                             "folder>")
+        return self.tokenizer
+
+    def _encode(self, text: str) -> list[int]:
+        return self._tok()(text, add_special_tokens=False).input_ids
+
+    def _image_tokens(self, n: int) -> str:
+        return IMG_START + IMG_CONTEXT * n + IMG_END
+
+    def _generation_prompt_ids(self, prompts: list[str], n_image_tokens: int
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """OpenUni image2image prompt (`src/datasets/image2image/edit_datasets.py` `_process_text`):
+        INSTRUCTION.format(<img>IMG_CONTEXT×N</img>\\n{prompt}) + <img>; no system turn. Right-padded."""
+        seqs = []
+        for p in prompts:
+            text = (f"{IM_START}user\n{self._image_tokens(n_image_tokens)}\n{p.strip()}{IM_END}\n"
+                    f"{IM_START}assistant\n{IMG_START}")
+            seqs.append(self._encode(text))
+        return _pad(seqs, self._pad_id())
+
+    def _conversation_ids(self, batch: UnderstandingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """InternVL chat format; labels on the assistant turns (answer + <|im_end|>\\n), IGNORE elsewhere.
+        Returns input_ids, labels (B, L) long and attention mask (B, L) bool, right-padded."""
+        n_img = self.arch.image_seq_length
+        all_ids, all_labels = [], []
+        for i, conv in enumerate(batch.conversations):
+            key = batch.keys[i] if i < len(batch.keys) else f"#{i}"
+            ids, labels = [], []
+
+            def add(text: str, train: bool) -> None:
+                t = self._encode(text)
+                ids.extend(t)
+                labels.extend(t if train else [IGNORE_INDEX] * len(t))
+
+            if self.system_message:
+                add(f"{IM_START}system\n{self.system_message}{IM_END}\n", False)
+            turns = [t for t in conv]
+            if turns and turns[0].get("from") != "human":      # InternVL skips a leading non-human turn
+                turns = turns[1:]
+            if not turns or not any(t.get("from") == "gpt" for t in turns):
+                raise ValueError(f"understanding sample {key!r}: conversation has no human→gpt turn: {conv!r}")
+            placed = False
+            for j, turn in enumerate(turns):
+                role, value = turn.get("from"), turn.get("value", "")
+                expected = "human" if j % 2 == 0 else "gpt"
+                if role != expected:
+                    raise ValueError(f"understanding sample {key!r}: turn {j} is from {role!r}, expected "
+                                     f"{expected!r} (LLaVA conversations alternate human/gpt)")
+                if role == "human":
+                    if not placed:
+                        # One image per sample: the first <image> becomes the image tokens (InternVL replaces
+                        # once); a conversation without one gets it at the start, as LLaVA data expects.
+                        if "<image>" not in value:
+                            value = "<image>\n" + value
+                        value = value.replace("<image>", self._image_tokens(n_img), 1)
+                        placed = True
+                    add(f"{IM_START}user\n{value}{IM_END}\n{IM_START}assistant\n", False)
+                else:
+                    add(f"{value}{IM_END}\n", True)
+            if len(ids) > self.cfg.max_length:
+                ids, labels = ids[:self.cfg.max_length], labels[:self.cfg.max_length]
+                if sum(x == self.arch.internvl.image_token_id for x in ids) != n_img:
+                    raise ValueError(f"understanding sample {key!r}: max_length={self.cfg.max_length} cuts the "
+                                     "image tokens; raise model.max_length")
+            if all(x == IGNORE_INDEX for x in labels):
+                raise ValueError(f"understanding sample {key!r}: no answer tokens left within "
+                                 f"max_length={self.cfg.max_length}; raise model.max_length")
+            all_ids.append(ids)
+            all_labels.append(labels)
+        ids, mask = _pad(all_ids, self._pad_id())
+        labels, _ = _pad(all_labels, IGNORE_INDEX)
+        return ids, labels, mask
+
+    def _pad_id(self) -> int:
+        tok = self._tok()
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids(ENDOFTEXT)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest: (B, L) long tensor and (B, L) bool mask of real tokens."""
+    n = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), n), value, dtype=torch.long)
+    mask = torch.zeros(len(seqs), n, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = True
+    return out, mask
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Square resize of float images; bicubic + antialias like InternVL's PIL BICUBIC transform."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def _init_connector(connector: nn.Module) -> None:
+    """OpenUni's connector init (`src/models/connector/modeling_connector.py` `init_weights`): Xavier-uniform
+    projections, zero attention biases, N(0, 1e-6) MLP biases, unit LayerNorms.
+
+    Under DeepSpeed's ``zero.Init`` each submodule's weights are partitioned as soon as it is built (they
+    carry ``ds_id``); those keep torch's default init, which is identical on every rank given the seed, and
+    official weights replace them anyway."""
+    for name, m in connector.named_modules():
+        if any(hasattr(p, "ds_id") for p in m.parameters(recurse=False)):
+            continue
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if name.endswith(("fc1", "fc2")):
+                nn.init.normal_(m.bias, std=1e-6)
+            else:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _check_tokenizer(tok: PreTrainedTokenizerBase, arch: OpenUniArch, where: str | None) -> None:
+    unk = tok.unk_token_id
+    for t in (IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT):
+        i = tok.convert_tokens_to_ids(t)
+        if i is None or (unk is not None and i == unk):
+            raise ValueError(f"tokenizer {where or '(built-in)'} lacks the special token {t!r}; use the "
+                             "InternVL3-2B tokenizer folder")
+    if tok.convert_tokens_to_ids(IMG_CONTEXT) != arch.internvl.image_token_id:
+        raise ValueError(f"tokenizer {where}: {IMG_CONTEXT} has id {tok.convert_tokens_to_ids(IMG_CONTEXT)}, the "
+                         f"model expects {arch.internvl.image_token_id}; use the InternVL3-2B tokenizer")

@@ -1,0 +1,147 @@
+"""OpenUni's architecture at two sizes: "full" (the released OpenUni-L-512, 3.6B trainable) and "tiny".
+
+Full-size values are facts read from the official sources (cited per block); the tiny configs keep every
+structural feature (InternViT with pixel shuffle, GQA Qwen2, pre-LN connector, SANA linear attention,
+DC-AE with an EfficientViT stage) at a size that trains in milliseconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config, SiglipVisionConfig
+
+# InternVL3 special tokens (OpenGVLab InternVL `internvl_chat/internvl/train/constants.py`;
+# ids in the InternVL3-2B tokenizer: <img> 151665, </img> 151666, <IMG_CONTEXT> 151667).
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+ENDOFTEXT = "<|endoftext|>"
+# InternVL3's default system prompt (conversation template "internvl2_5" in OpenGVLab/InternVL
+# `internvl_chat/internvl/conversation.py`); VLMEvalKit's InternVL3 path evaluates with it too.
+INTERNVL_SYSTEM = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位"
+                   "联合开发的多模态大语言模型。")
+
+# Training scheduler: OpenUni loads SANA's scheduler config into FlowMatchEulerDiscreteScheduler; the
+# config's `flow_shift` is not FlowMatchEuler's `shift`, so shift stays 1.0 (notes/openuni.md).
+NUM_TRAIN_TIMESTEPS = 1000
+# Sampling scheduler of SANA 512 px (diffusers `scripts/convert_sana_to_diffusers.py`: flow_shift 3.0
+# below 4K, DPM-Solver++ with flow sigmas).
+SAMPLING_FLOW_SHIFT = 3.0
+# ImageNet statistics used by InternViT (OpenUni `src/models/openuni/internvl3_sana_hf.py`).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class OpenUniArch:
+    """Every architecture number of one size. Built by :func:`arch_for`; not a user config."""
+
+    internvl: InternVLConfig
+    connector: SiglipVisionConfig
+    sana: dict[str, Any]
+    vae: dict[str, Any]
+    num_queries: int
+    vit_image_size: int       # InternViT input side (448 full)
+    gen_image_size: int       # generated image side (512 full: SANA-1600M-512px)
+    image_seq_length: int     # IMG_CONTEXT tokens per image (256 full)
+
+
+# Published sizes (millions) the full build is checked against, with where each number is published.
+# Groups are sums of `OpenUni.component_counts()` entries.
+PUBLISHED_MILLIONS: dict[str, tuple[float, tuple[str, ...], str]] = {
+    "InternViT-300M": (300.0, ("vision_tower",), "model name OpenGVLab/InternViT-300M-448px-V2_5"),
+    "Qwen2.5-1.5B": (1540.0, ("language_model",), "Qwen2.5-1.5B model card: 1.54B parameters"),
+    "Qwen2.5-1.5B non-embedding": (1310.0, ("language_model", "-embed_tokens"),
+                                   "Qwen2.5-1.5B model card: 1.31B non-embedding parameters"),
+    "InternVL3-2B": (2090.0, ("vision_tower", "multi_modal_projector", "language_model", "lm_head"),
+                     "OpenGVLab/InternVL3-2B model page: 2.09B parameters (untied lm_head)"),
+    "SANA-1600M": (1600.0, ("transformer",), "model name Efficient-Large-Model/Sana_1600M_512px"),
+    "OpenUni-3.6B": (3600.0, ("language_model", "lm_head", "connector", "transformer"),
+                     "UniMRG paper, Appendix B.1 (OpenUni-3.6B: LLM + connector + SANA)"),
+}
+
+
+def _full() -> OpenUniArch:
+    # InternVL3-2B = InternViT-300M-448px-V2_5 + Qwen2.5-1.5B (OpenGVLab/InternVL3-2B config.json):
+    # qkv bias, no qk-norm, LayerNorm, layer scale 0.1, pixel-shuffle 0.5, untied lm_head.
+    vision = InternVLVisionConfig(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        image_size=448, patch_size=14, attention_bias=True, use_qk_norm=False, norm_type="layer_norm",
+        layer_norm_eps=1e-6, layer_scale_init_value=0.1, hidden_act="gelu")
+    text = Qwen2Config(
+        vocab_size=151674, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, tie_word_embeddings=False, hidden_act="silu")
+    internvl = InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=151667, image_seq_length=256,
+        downsample_ratio=0.5, projector_hidden_act="gelu", tie_word_embeddings=False)
+    # Connector: OpenUni `configs/models/openuni_l_internvl3_2b_sana_1_6b_512_hf.py` (6 layers, 1536, 8960,
+    # 24 heads) + defaults of `src/models/connector/configuration_connector.py` (gelu_pytorch_tanh, eps 1e-6).
+    connector = SiglipVisionConfig(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=6, num_attention_heads=24,
+        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, attention_dropout=0.0)
+    # SANA-1600M-512px (diffusers `scripts/convert_sana_to_diffusers.py`: SanaMS_1600M_P1_D20, sample
+    # size 512 // 32, no positional interpolation at 512, no qk-norm).
+    sana = dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+                num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
+                caption_channels=2304, mlp_ratio=2.5, dropout=0.0, attention_bias=False, sample_size=16,
+                patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=None)
+    # dc-ae-f32c32-sana-1.1 (diffusers `scripts/convert_dcae_to_diffusers.py`, SANA's f32c32 AE).
+    vae = dict(in_channels=3, latent_channels=32, attention_head_dim=32,
+               encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+               decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+               encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+               decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+               encoder_layers_per_block=(2, 2, 2, 3, 3, 3), decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
+               encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+               decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+               upsample_block_type="interpolate", downsample_block_type="conv",
+               decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
+    return OpenUniArch(internvl=internvl, connector=connector, sana=sana, vae=vae, num_queries=256,
+                       vit_image_size=448, gen_image_size=512, image_seq_length=256)
+
+
+def _tiny(vocab_size: int, image_token_id: int) -> OpenUniArch:
+    # notes/openuni.md "Tiny configs that run"; vocab sized to the byte tokenizer.
+    vision = InternVLVisionConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=56,
+        patch_size=14, attention_bias=True, use_qk_norm=False, norm_type="layer_norm", layer_norm_eps=1e-6,
+        layer_scale_init_value=0.1)
+    text = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    internvl = InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=image_token_id, image_seq_length=4,
+        downsample_ratio=0.5, projector_hidden_act="gelu", tie_word_embeddings=False)
+    connector = SiglipVisionConfig(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, attention_dropout=0.0)
+    sana = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                caption_channels=24, mlp_ratio=2.5, dropout=0.0, attention_bias=False, sample_size=8,
+                patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=None)
+    vae = dict(in_channels=3, latent_channels=8, attention_head_dim=8,
+               encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+               decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+               encoder_block_out_channels=(8, 16, 16), decoder_block_out_channels=(8, 16, 16),
+               encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+               encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+               upsample_block_type="interpolate", downsample_block_type="conv",
+               decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
+    return OpenUniArch(internvl=internvl, connector=connector, sana=sana, vae=vae, num_queries=8,
+                       vit_image_size=56, gen_image_size=32, image_seq_length=4)
+
+
+def arch_for(size: str, vocab_size: int = 0, image_token_id: int = 0) -> OpenUniArch:
+    """The architecture of ``size`` ("tiny" needs the byte tokenizer's vocabulary size and image token)."""
+    if size == "full":
+        return _full()
+    if size == "tiny":
+        return _tiny(vocab_size, image_token_id)
+    raise ValueError(f"OpenUni: unknown model.size={size!r}; use 'tiny' or 'full'")
+
+
+def vae_downsample(vae: dict[str, Any]) -> int:
+    """Spatial factor of DC-AE: one 2x stage per block after the first (f32 full, f4 tiny)."""
+    return 2 ** (len(vae["encoder_block_out_channels"]) - 1)

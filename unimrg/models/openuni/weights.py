@@ -1,0 +1,260 @@
+"""OpenUni's official weights in and out: key maps between the released layouts and this adapter.
+
+Layouts handled (all local; nothing is downloaded):
+- InternVL3-2B, original remote-code layout (OpenGVLab `InternVLChatModel`: `vision_model.*`, `mlp1.*`,
+  `language_model.model.*`, `language_model.lm_head.weight`), converted by the rules of transformers'
+  `convert_internvl_weights_to_hf.py` (the wheel does not ship the script; rules in notes/openuni.md).
+- InternVL3-2B, transformers layout (`OpenGVLab/InternVL3-2B-hf` or any `save_pretrained` folder), loaded
+  with transformers' own `from_pretrained`, which also remaps the legacy key layout it writes.
+- SANA and DC-AE diffusers folders (`transformer/`, `vae/` of a pipeline folder, or the component folder).
+- The OpenUni release checkpoint (wusize/OpenUni `scripts/deepspeed2torch.py`: a torch-saved state dict of
+  `OpenUniInternVL3SANAHF` with prefixes `lmm.` (original InternVL layout), `meta_queries`, `connector.`,
+  `projector.`, `transformer.`, `vae.`); the official model loads it with `load_state_dict(strict=False)`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unimrg.models.official_io import read_state_dict
+
+LMM = "lmm."
+
+# ---- InternVL: original layout <-> transformers layout (keys relative to the InternVL model) ----------
+# Vision renames, applied in order to the part after `vision_model.` (transformers
+# `convert_internvl_weights_to_hf.py`, vision rules).
+_VISION_RULES = (
+    (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
+    (r"^embeddings\.patch_embedding\.", "embeddings.patch_embeddings.projection."),
+    (r"^embeddings\.position_embedding$", "embeddings.position_embeddings"),
+    (r"^encoder\.layers\.(\d+)\.attn\.proj\.", r"encoder.layer.\1.attention.projection_layer."),
+    (r"^encoder\.layers\.(\d+)\.attn\.(q_norm|k_norm)\.", r"encoder.layer.\1.attention.\2."),
+    (r"^encoder\.layers\.(\d+)\.ls(\d)$", r"encoder.layer.\1.lambda_\2"),
+    (r"^encoder\.layers\.(\d+)\.norm1\.", r"encoder.layer.\1.layernorm_before."),
+    (r"^encoder\.layers\.(\d+)\.norm2\.", r"encoder.layer.\1.layernorm_after."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.", r"encoder.layer.\1.mlp."),
+)
+# ... and back (export); the fused qkv is split / concatenated separately.
+_VISION_RULES_INV = (
+    (r"^embeddings\.cls_token$", "embeddings.class_embedding"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "embeddings.patch_embedding."),
+    (r"^embeddings\.position_embeddings$", "embeddings.position_embedding"),
+    (r"^encoder\.layer\.(\d+)\.attention\.projection_layer\.", r"encoder.layers.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.attention\.(q_norm|k_norm)\.", r"encoder.layers.\1.attn.\2."),
+    (r"^encoder\.layer\.(\d+)\.lambda_(\d)$", r"encoder.layers.\1.ls\2"),
+    (r"^encoder\.layer\.(\d+)\.layernorm_before\.", r"encoder.layers.\1.norm1."),
+    (r"^encoder\.layer\.(\d+)\.layernorm_after\.", r"encoder.layers.\1.norm2."),
+    (r"^encoder\.layer\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
+)
+_QKV = re.compile(r"^encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
+# mlp1 is Sequential(LayerNorm, Linear, GELU, Linear) in InternVLChatModel.
+_MLP1 = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
+_MLP1_INV = {v: k for k, v in _MLP1.items()}
+
+VISION_HF, PROJ_HF, LLM_HF = "model.vision_tower.", "model.multi_modal_projector.", "model.language_model."
+
+
+def internvl_original_to_hf(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Original InternVLChatModel keys → `InternVLForConditionalGeneration` keys.
+
+    Returns the converted tensors and the original keys no rule knows (reported as unexpected)."""
+    out: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for key, t in state.items():
+        if key.startswith("vision_model."):
+            rest = key[len("vision_model."):]
+            m = _QKV.match(rest)
+            if m:  # fused qkv rows are [q; k; v]
+                layer, kind = m.groups()
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3, dim=0)):
+                    out[f"{VISION_HF}encoder.layer.{layer}.attention.{name}.{kind}"] = part.clone()
+                continue
+            for pat, rep in _VISION_RULES:
+                new, n = re.subn(pat, rep, rest)
+                if n:
+                    out[VISION_HF + new] = t
+                    break
+            else:
+                unknown.append(key)
+        elif key.startswith("mlp1."):
+            idx, _, param = key[len("mlp1."):].partition(".")
+            if idx in _MLP1:
+                out[f"{PROJ_HF}{_MLP1[idx]}.{param}"] = t
+            else:
+                unknown.append(key)
+        elif key.startswith("language_model.model."):
+            out[LLM_HF + key[len("language_model.model."):]] = t
+        elif key == "language_model.lm_head.weight":
+            out["lm_head.weight"] = t
+        else:
+            unknown.append(key)
+    return out, unknown
+
+
+def internvl_hf_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`internvl_original_to_hf` (exact: q/k/v are concatenated back)."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        if key.startswith(VISION_HF):
+            rest = key[len(VISION_HF):]
+            m = re.match(r"^encoder\.layer\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)$", rest)
+            if m:
+                layer, which, kind = m.groups()
+                qkv.setdefault((layer, kind), {})[which] = t
+                continue
+            for pat, rep in _VISION_RULES_INV:
+                new, n = re.subn(pat, rep, rest)
+                if n:
+                    out["vision_model." + new] = t
+                    break
+            else:
+                raise KeyError(f"no original-layout name for {key}")
+        elif key.startswith(PROJ_HF):
+            mod, _, param = key[len(PROJ_HF):].partition(".")
+            out[f"mlp1.{_MLP1_INV[mod]}.{param}"] = t
+        elif key.startswith(LLM_HF):
+            out["language_model.model." + key[len(LLM_HF):]] = t
+        elif key == "lm_head.weight":
+            out["language_model.lm_head.weight"] = t
+        else:
+            raise KeyError(f"no original-layout name for {key}")
+    for (layer, kind), parts in qkv.items():
+        out[f"vision_model.encoder.layers.{layer}.attn.qkv.{kind}"] = torch.cat(
+            [parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def internvl_layout(folder: str | Path) -> str:
+    """"original" (InternVLChatModel remote code) or "transformers", from the folder's config.json."""
+    cfg_file = Path(folder) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"InternVL folder {folder}: no config.json (point model.internvl_path at the local "
+                                "InternVL3-2B or InternVL3-2B-hf folder)")
+    cfg = json.loads(cfg_file.read_text())
+    if "llm_config" in cfg or "InternVLChatModel" in cfg.get("architectures", []):
+        return "original"
+    if cfg.get("model_type") == "internvl":
+        return "transformers"
+    raise ValueError(f"{cfg_file}: neither an original InternVL (architectures InternVLChatModel, llm_config) nor "
+                     "a transformers InternVL config (model_type 'internvl'); got "
+                     f"model_type={cfg.get('model_type')!r}")
+
+
+class Source:
+    """Tensors in this adapter's naming plus what the source itself knew to be missing/unexpected."""
+
+    def __init__(self, what: str, state: dict[str, torch.Tensor], missing: Iterable[str] = (),
+                 unexpected: Iterable[str] = ()):
+        self.what, self.state = what, state
+        self.missing, self.unexpected = list(missing), list(unexpected)
+
+
+def read_internvl(folder: str | Path) -> Source:
+    """InternVL3 weights from either layout, as ``lmm.*`` keys of this adapter."""
+    layout = internvl_layout(folder)
+    what = f"InternVL ({layout} layout) {folder}"
+    if layout == "original":
+        hf, unknown = internvl_original_to_hf(read_state_dict(folder, what))
+        return Source(what, {LMM + k: v for k, v in hf.items()}, unexpected=[f"{k} (original name)" for k in unknown])
+    from transformers import InternVLForConditionalGeneration
+    model, info = InternVLForConditionalGeneration.from_pretrained(str(folder), output_loading_info=True)
+    missing = sorted(info.get("missing_keys", ()))
+    if info.get("mismatched_keys"):
+        raise ValueError(f"{what}: shape mismatches {sorted(info['mismatched_keys'])[:10]}; is it InternVL3-2B?")
+    state = {LMM + k: v for k, v in model.state_dict().items() if k not in missing}
+    return Source(what, state, missing=[LMM + k for k in missing], unexpected=sorted(info.get("unexpected_keys", ())))
+
+
+def read_diffusers(folder: str | Path, subfolder: str, expected: Mapping[str, Any], prefix: str) -> Source:
+    """A diffusers model folder (or a pipeline folder holding ``subfolder``), checked against ``expected``
+    config values (e.g. SANA's sample_size: a 1024 px checkpoint has the same shapes as the 512 px one)."""
+    p = Path(folder)
+    if (p / subfolder / "config.json").is_file():
+        p = p / subfolder
+    what = f"{subfolder} {p}"
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{what}: no config.json; point at the diffusers folder (or its parent pipeline "
+                                f"folder holding {subfolder}/)")
+    cfg = json.loads(cfg_file.read_text())
+    wrong = [f"{k}={cfg[k]!r} (expected {_plain(v)!r})" for k, v in expected.items()
+             if k in cfg and _plain(cfg[k]) != _plain(v)]
+    if wrong:
+        raise ValueError(f"{cfg_file}: not the architecture OpenUni uses: " + ", ".join(wrong))
+    state = read_state_dict(p, what)
+    return Source(what, {prefix + k: v for k, v in state.items()})
+
+
+def _plain(v: Any) -> Any:
+    """JSON-comparable form (tuples → lists, recursively)."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def read_openuni_checkpoint(path: str | Path) -> Source:
+    """The OpenUni release checkpoint (or this adapter's own export) as adapter keys."""
+    what = f"OpenUni checkpoint {path}"
+    state = read_state_dict(path, what, unwrap=("state_dict", "module", "model"))
+    lmm = {k[len(LMM):]: v for k, v in state.items() if k.startswith(LMM)}
+    rest = {k: v for k, v in state.items() if not k.startswith(LMM)}
+    unexpected: list[str] = []
+    if any(k.startswith(("vision_model.", "mlp1.", "language_model.")) for k in lmm):
+        hf, unknown = internvl_original_to_hf(lmm)
+        unexpected = [f"{LMM}{k} (original name)" for k in unknown]
+    else:
+        hf = lmm
+    rest.update({LMM + k: v for k, v in hf.items()})
+    return Source(what, rest, unexpected=unexpected)
+
+
+def openuni_checkpoint_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter state dict → the OpenUni release layout (InternVL back in its original layout)."""
+    lmm = {k[len(LMM):]: v for k, v in state.items() if k.startswith(LMM)}
+    out = {k: v for k, v in state.items() if not k.startswith(LMM)}
+    out.update({LMM + k: v for k, v in internvl_hf_to_original(lmm).items()})
+    return out
+
+
+def check_keys(missing: list[str], unexpected: list[tuple[str, str]], allow_missing: Iterable[str],
+               allow_unexpected: Iterable[str], what: str) -> None:
+    """Raise unless every missing key / unexpected (key, source) matches an allowed fnmatch pattern;
+    the error names every offending key (and the source of each unexpected one)."""
+    allow_missing, allow_unexpected = list(allow_missing), list(allow_unexpected)
+    bad_missing = [k for k in missing if not any(fnmatch.fnmatchcase(k, p) for p in allow_missing)]
+    bad_unexpected = [f"{k} (from {src})" for k, src in unexpected
+                      if not any(fnmatch.fnmatchcase(k, p) for p in allow_unexpected)]
+    if bad_missing or bad_unexpected:
+        lines = [f"{what}: {len(bad_missing)} missing and {len(bad_unexpected)} unexpected keys"]
+        if bad_missing:
+            lines.append("missing (no source provides them): " + ", ".join(bad_missing))
+        if bad_unexpected:
+            lines.append("unexpected (the model has no place for them): " + ", ".join(bad_unexpected))
+        lines.append("Point model.internvl_path / sana_path / vae_path / checkpoint at the right folders, or "
+                     "allow keys explicitly with model.allow_missing=[patterns] / model.allow_unexpected=[...]")
+        raise ValueError("\n".join(lines))
+
+
+# Files of an InternVL folder that are not weights (configs, tokenizer, remote code, processor).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+
+
+def copy_non_weight_files(src: str | Path, dst: str | Path, overwrite: bool) -> list[str]:
+    """Copy config / tokenizer / processor / code files (not weights or weight indexes) of ``src``."""
+    copied = []
+    for f in sorted(Path(src).iterdir()):
+        if not overwrite and (Path(dst) / f.name).exists():
+            continue
+        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json"):
+            shutil.copy2(f, Path(dst) / f.name)
+            copied.append(f.name)
+    return copied
