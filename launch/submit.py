@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--run-dir", default=None, help="run folder (default runs/<model>_<recipe>)")
     ap.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (sets run.resume)")
     ap.add_argument("--dry-run", action="store_true", help="validate config, batch arithmetic and paths; start nothing")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="write the run folder (config, data) and start nothing: slurm/*.sh do this before srun")
     g = ap.add_argument_group("resources")
     g.add_argument("--nodes", type=int, default=1)
     g.add_argument("--gpus-per-node", type=int, default=None,
@@ -48,9 +50,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--constraint")
     s.add_argument("--mem", help="memory per node, e.g. 500G")
     s.add_argument("--max-requeues", type=int, default=5)
+    s.add_argument("--detach", action="store_true",
+                   help="return once submitted (default: follow rank 0's log and report the outcome)")
     s.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE", help="extra sbatch parameter")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)   # overrides may come before or after options
     if args.gpus_per_node is None:
         import torch
         args.gpus_per_node = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -95,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         "git_sha": git_sha(), "batch_plan": plan.as_dict()}
     (run_dir / "submission.json").write_text(json.dumps(submission, indent=2))
     print(f"run folder {run_dir}\nTensorBoard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
+    if args.prepare_only:
+        return 0
 
     if args.cluster == "slurm":
         from launch.slurm import submit

@@ -247,6 +247,7 @@ class Trainer:
         np.random.seed(seed % 2**32)
 
     def close(self) -> None:
+        self.loaders.close()   # energon workers otherwise linger until garbage collection
         if self.writer is not None:
             self.writer.close()
         self.metrics.close()

@@ -22,8 +22,9 @@ TAGS = ["loss/und", "loss/pix", "loss/depth", "loss/seg", "loss/total", "lr", "g
         "samples_seen/seg"]
 
 
-def train(run_dir: Path, data: Path, *overrides: str, recipe: str = "tiny", check: bool = True):
-    res = run_submit(["--model", "openuni", "--recipe", recipe, "--cluster", "local",
+def train(run_dir: Path, data: Path, *overrides: str, recipe: str = "tiny", check: bool = True,
+          model: str = "openuni"):
+    res = run_submit(["--model", model, "--recipe", recipe, "--cluster", "local",
                       "--run-dir", str(run_dir), f"data.root={data}", *overrides])
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]

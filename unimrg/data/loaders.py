@@ -328,12 +328,13 @@ class TaskLoaders:
         if task not in self._loaders:
             raise KeyError(f"task {task!r} has no loader; enabled tasks: {self.tasks}")
         if task not in self._iters:
-            # A torch DataLoader draws its worker base seed from the global RNG when an iterator is
-            # made; fork so that a resumed run (iterators made later) keeps the same training noise.
-            with torch.random.fork_rng(devices=[]):
-                self._iters[task] = iter(self._loaders[task])
+            self._iters[task] = iter(self._loaders[task])
         try:
-            raw: RawTaskBatch = next(self._iters[task])
+            # A torch DataLoader draws its workers' base seed from the global RNG when its iterator
+            # starts (at the first next(), energon's iterator being a generator). Fork, so that a
+            # resumed run, whose iterators start later, keeps the same training noise.
+            with torch.random.fork_rng(devices=[]):
+                raw: RawTaskBatch = next(self._iters[task])
         except TaskDataError:
             raise
         except Exception as e:  # a worker failure arrives re-wrapped; name the task and dataset
