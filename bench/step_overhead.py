@@ -77,7 +77,7 @@ def worker(args) -> None:
     cfg.train.precision = "fp32"
     ds = eng.resolve_ds_config(cfg, plan)
     engine = eng.Engine(ours_model, ds, torch.optim.AdamW(list(ours_model.trainable_parameters()), lr=1e-4),
-                        lr_lambda(cfg))
+                        lr_lambda(cfg, cfg.train.steps))
 
     def ours_step():
         for b in data:

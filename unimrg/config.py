@@ -10,6 +10,7 @@ micro-batch, accumulation and data-parallel size are turned into DeepSpeed's bat
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,17 @@ class OptimConfig:
 
 
 @dataclass
+class StageConfig:
+    """A block of optimizer steps with its own tasks and extra frozen modules. OpenUni's paper recipe
+    has two: 2,000 four-task steps, then 2,000 pixel-only steps with the understanding model frozen.
+    Each stage starts a fresh optimizer and LR schedule from the previous stage's weights."""
+
+    steps: int = 0
+    tasks: list[str] = field(default_factory=list)    # [] = objective.tasks
+    freeze: list[str] = field(default_factory=list)   # module paths, or "understanding" (the adapter's)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000                 # optimizer steps (we count steps, never epochs)
     micro_batch_per_task: int = 4     # samples of one task in one micro-batch on one rank
@@ -50,6 +62,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     stop_after: int = 0               # leave after this many steps (with a checkpoint); 0 = run to `steps`
     export_final: bool = True         # write consolidated weights to RUN/final/ at the end
+    stages: list[StageConfig] = field(default_factory=list)   # [] = one stage of `steps` steps
 
 
 @dataclass
@@ -178,6 +191,26 @@ def batch_arithmetic(cfg: Config, dp_size: int) -> BatchPlan:
     return plan
 
 
+def stage_plans(cfg: Config) -> list[tuple[int, int, StageConfig]]:
+    """(first step, end step, stage) per stage; the steps of the stages must add up to train.steps."""
+    stages = cfg.train.stages or [StageConfig(steps=cfg.train.steps)]
+    if sum(s.steps for s in stages) != cfg.train.steps or any(s.steps < 1 for s in stages):
+        raise ConfigError(f"train.stages steps {[s.steps for s in stages]} must each be ≥ 1 and add up to "
+                          f"train.steps={cfg.train.steps}")
+    out, start = [], 0
+    for s in stages:
+        out.append((start, start + s.steps, s))
+        start += s.steps
+    return out
+
+
+def stage_config(cfg: Config, stage: StageConfig) -> Config:
+    """The config one stage runs with: its task list in place of objective.tasks."""
+    if not stage.tasks:
+        return cfg
+    return dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, tasks=list(stage.tasks)))
+
+
 def validate(cfg: Config, dp_size: int) -> BatchPlan:
     """Everything ``--dry-run`` checks before any rank starts: fields, batch arithmetic, paths."""
     t = cfg.train
@@ -194,4 +227,5 @@ def validate(cfg: Config, dp_size: int) -> BatchPlan:
                           "to the official weights; nothing is downloaded)")
     if cfg.run.resume not in ("", "latest") and not Path(cfg.run.resume).is_dir():
         raise ConfigError(f"run.resume={cfg.run.resume}: no such checkpoint folder (or use 'latest')")
-    return batch_arithmetic(cfg, dp_size)
+    plans = [batch_arithmetic(stage_config(cfg, s), dp_size) for _, _, s in stage_plans(cfg)]
+    return plans[0]

@@ -135,6 +135,10 @@ class Engine:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint {save_dir}/{tag}")
         return client
 
+    def close(self) -> None:
+        """Free the engine (its hooks and buffers) before the next stage builds another."""
+        self.ds.destroy()
+
     @contextlib.contextmanager
     def gathered(self, params) -> Iterator[None]:
         """Full parameters inside the block, whatever the ZeRO stage."""
@@ -142,11 +146,14 @@ class Engine:
             yield
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter and buffer, gathered one at a time (fine at any size); equal on all ranks."""
+        """What ``module.state_dict()`` holds (parameters, persistent buffers), each parameter gathered
+        on its own so this works at any size under ZeRO-3; equal on all ranks."""
         out = {}
         for name, p in self.module.named_parameters():
             with self.gathered([p]):
                 out[name] = p.detach().cpu().clone()
-        for name, b in self.module.named_buffers():
-            out[name] = b.detach().cpu().clone()
+        for mod_name, mod in self.module.named_modules():
+            for name, b in mod.named_buffers(recurse=False):
+                if b is not None and name not in mod._non_persistent_buffers_set:
+                    out[f"{mod_name}.{name}" if mod_name else name] = b.detach().cpu().clone()
         return out

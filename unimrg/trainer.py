@@ -9,6 +9,7 @@ Logs per-task losses to TensorBoard and RUN/metrics/rank{r}.jsonl, checkpoints a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from unimrg import engine as eng
-from unimrg.config import Config, to_yaml, validate
+from unimrg.config import Config, batch_arithmetic, stage_config, stage_plans, to_yaml, validate
 from unimrg.data.loaders import TaskLoaders
 from unimrg.models.registry import build_model
 from unimrg.objective import Objective
@@ -34,9 +35,9 @@ COMPLETE = "COMPLETE"   # written into a checkpoint folder once every rank's sta
 PREEMPTED_EXIT_CODE = 3  # a run that checkpointed on a signal and wants to be requeued
 
 
-def lr_lambda(cfg: Config):
-    """Linear warm-up over ``warmup_fraction`` of the steps, then cosine to ``min_lr_ratio``."""
-    steps, floor = cfg.train.steps, cfg.optim.min_lr_ratio
+def lr_lambda(cfg: Config, steps: int):
+    """Linear warm-up over ``warmup_fraction`` of ``steps``, then cosine to ``min_lr_ratio``."""
+    floor = cfg.optim.min_lr_ratio
     warmup = max(1, round(cfg.optim.warmup_fraction * steps))
 
     def f(step: int) -> float:
@@ -64,23 +65,43 @@ def find_checkpoint(ckpt_dir: Path, resume: str) -> Path | None:
 
 
 class Trainer:
+    """Trains one stage of a run (most runs have a single stage); ``run`` chains the stages."""
+
     def __init__(self, cfg: Config):
-        self.cfg = cfg
         self.rank, self.world, self.local_rank = eng.init_distributed()
-        self.plan = validate(cfg, dp_size=self.world)
+        validate(cfg, dp_size=self.world)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.resume_from = find_checkpoint(self.ckpt_dir, cfg.run.resume)
+        state = self.read_state(self.resume_from) if self.resume_from else {"step": 0, "stage": 0}
+
+        # The stage the next step belongs to; a checkpoint at a stage's last step starts the next one.
+        stages = stage_plans(cfg)
+        self.stage = next((i for i, (_, end, _) in enumerate(stages) if state["step"] < end), len(stages) - 1)
+        self.stage_start, self.stage_end, stage = stages[self.stage]
+        self.full_cfg, self.cfg = cfg, stage_config(cfg, stage)
+        cfg = self.cfg
+        self.plan = batch_arithmetic(cfg, self.world)
 
         # Same seed on every rank for the weights; per-rank seeds for noise, masks and prompts.
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)   # DeepSpeed casts it to bf16 if train.precision says so
+        model.apply_freezing([name for f in stage.freeze for name in
+                              (model.understanding_module_names() if f == "understanding" else [f])])
+        self.new_stage = self.resume_from is not None and state["stage"] != self.stage
+        if self.new_stage:
+            # The previous stage's consolidated weights; this stage trains other parameters, so it
+            # starts a fresh optimizer and LR schedule (DeepSpeed cannot load a checkpoint whose
+            # frozen set differs).
+            model.load_state_dict(torch.load(self.stage_export(state["stage"]), mmap=True, weights_only=True))
         self.seed_rank(cfg.train.seed + 1000 * (self.rank + 1))
 
         optimizer = torch.optim.AdamW(list(model.trainable_parameters()), lr=cfg.optim.lr,
                                       betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                       weight_decay=cfg.optim.weight_decay)
         self.ds_config = eng.resolve_ds_config(cfg, self.plan)
-        self.engine = eng.Engine(model, self.ds_config, optimizer, lr_lambda(cfg))
+        self.engine = eng.Engine(model, self.ds_config, optimizer,
+                                 lr_lambda(cfg, self.stage_end - self.stage_start))
         self.objective = Objective(cfg.objective, seed=cfg.train.seed + self.rank)
         self.loaders = TaskLoaders(cfg.data, self.objective.tasks, cfg.train.micro_batch_per_task,
                                    cfg.model.image_size, self.rank, self.world, cfg.train.seed)
@@ -97,23 +118,26 @@ class Trainer:
         self.metrics = open(self.run_dir / "metrics" / f"rank{self.rank}.jsonl", "a")
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self.on_signal)
+        if self.resume_from is not None:
+            self.load(self.resume_from, state, engine_state=not self.new_stage)
 
     # ---- the loop ------------------------------------------------------------------------------
     def fit(self) -> int:
-        """Train to ``train.steps`` (or ``stop_after``); returns a process exit code."""
+        """Train to the end of this stage (or ``stop_after``); returns a process exit code."""
         cfg = self.cfg
-        resume_from = find_checkpoint(self.ckpt_dir, cfg.run.resume)
-        if resume_from is not None:
-            self.load(resume_from)
-        last = cfg.train.steps if not cfg.train.stop_after else min(cfg.train.steps, cfg.train.stop_after)
-        self.log0(f"{cfg.model.name}: {self.plan.describe(self.objective.tasks)}; steps {self.step}→{last}"
-                  f"{f' (resumed from {resume_from})' if resume_from else ''}")
+        last = min(self.stage_end, cfg.train.stop_after or self.stage_end)
+        n_stages = len(cfg.train.stages) or 1
+        self.log0(f"{cfg.model.name} stage {self.stage + 1}/{n_stages} {self.objective.tasks}: "
+                  f"{self.plan.describe(self.objective.tasks)}; steps {self.step}→{last}"
+                  f"{f' (resumed from {self.resume_from})' if self.resume_from else ''}")
         t_start, step_start = time.time(), self.step
         while self.step < last:
             t0 = time.time()
             losses, counts = self.train_step()
             self.step += 1
             self.log(losses, counts, time.time() - t0, t_start, step_start, last)
+            if self.step == self.stage_end and self.stage_end < cfg.train.steps:
+                self.export(self.stage_export(self.stage))   # before the checkpoint that needs it
             if self.step % cfg.train.checkpoint_every == 0 or self.step == last:
                 self.save()
             if self.agree(self.stop_requested):
@@ -122,9 +146,17 @@ class Trainer:
                 self.log0(f"stopping at step {self.step} on a signal; resume with run.resume=latest")
                 return PREEMPTED_EXIT_CODE
         if self.step == cfg.train.steps and cfg.train.export_final:
-            self.export_final()
-        self.close()
+            self.export(self.run_dir / "final" / "model.pt")
         return 0
+
+    def stage_export(self, stage: int) -> Path:
+        """Consolidated weights at the end of ``stage`` (0-based): where the next stage starts from."""
+        return self.run_dir / "export" / f"stage{stage + 1}" / "model.pt"
+
+    def next_stage(self) -> bool:
+        """Did this stage run to its end with another stage after it (and no stop_after before)?"""
+        stop = self.cfg.train.stop_after
+        return self.step == self.stage_end < self.cfg.train.steps and not (stop and self.step >= stop)
 
     def train_step(self) -> tuple[dict[str, float], dict[str, int]]:
         sums, n_micro, counts = defaultdict(float), defaultdict(int), defaultdict(int)
@@ -152,7 +184,7 @@ class Trainer:
         grad_norm, lr = self.engine.grad_norm(), self.engine.lr()
         samples_s = self.plan.train_batch_size / max(dt, 1e-9)
         skipped = self.loaders.skipped()
-        print(json.dumps({"step": self.step, "losses": losses, "total": sum(
+        print(json.dumps({"step": self.step, "stage": self.stage + 1, "losses": losses, "total": sum(
             self.cfg.objective.weights[t] * losses[t] for t in tasks), "samples": counts,
             "global_losses": mean, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}),
             file=self.metrics, flush=True)
@@ -183,8 +215,8 @@ class Trainer:
     def save(self) -> None:
         tag = f"step_{self.step:07d}"
         folder = self.ckpt_dir / tag
-        self.engine.save(self.ckpt_dir, tag, client_state={"step": self.step})
-        torch.save({"step": self.step, "loaders": self.loaders.state_dict(),
+        self.engine.save(self.ckpt_dir, tag, client_state={"step": self.step, "stage": self.stage})
+        torch.save({"step": self.step, "stage": self.stage, "loaders": self.loaders.state_dict(),
                     "objective": self.objective.state_dict(), "samples_seen": dict(self.samples_seen),
                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                             "numpy": np.random.get_state()}},
@@ -201,13 +233,17 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
-    def load(self, folder: Path) -> None:
+    def read_state(self, folder: Path) -> dict:
+        """This rank's trainer state in a checkpoint (step, stage, loaders, prompt and RNG states)."""
         world = int((folder / COMPLETE).read_text().split()[0])
         if world != self.world:
             raise RuntimeError(f"{folder} was written by {world} ranks, this run has {self.world}; the "
                                "per-rank loader states cannot be re-sharded — resume with the same world size")
-        self.engine.load(folder.parent, folder.name)
-        state = torch.load(folder / f"unimrg_rank{self.rank}.pt", weights_only=False)
+        return torch.load(folder / f"unimrg_rank{self.rank}.pt", weights_only=False)
+
+    def load(self, folder: Path, state: dict, engine_state: bool) -> None:
+        if engine_state:
+            self.engine.load(folder.parent, folder.name)
         self.step = state["step"]
         self.loaders.load_state_dict(state["loaders"])
         self.objective.load_state_dict(state["objective"])
@@ -216,12 +252,13 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
 
-    def export_final(self) -> None:
-        """Consolidated weights in RUN/final/model.pt (each adapter exports official layouts from it)."""
+    def export(self, path: Path) -> None:
+        """Consolidated weights (each adapter exports its official layouts from this file)."""
         sd = self.engine.full_state_dict()
         if self.rank == 0:
-            (self.run_dir / "final").mkdir(parents=True, exist_ok=True)
-            torch.save(sd, self.run_dir / "final" / "model.pt")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(sd, path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)   # never a half-written file under the real name
         dist.barrier()
 
     # ---- run bookkeeping -----------------------------------------------------------------------
@@ -248,6 +285,7 @@ class Trainer:
 
     def close(self) -> None:
         self.loaders.close()   # energon workers otherwise linger until garbage collection
+        self.engine.close()
         if self.writer is not None:
             self.writer.close()
         self.metrics.close()
@@ -255,8 +293,15 @@ class Trainer:
 
 
 def run(cfg: Config) -> int:
-    trainer = Trainer(cfg)
-    try:
-        return trainer.fit()
-    finally:
-        sys.stdout.flush()
+    """Train every remaining stage; the next stage starts from the checkpoint the last one wrote."""
+    while True:
+        trainer = Trainer(cfg)
+        try:
+            code = trainer.fit()
+            more = code == 0 and trainer.next_stage()
+        finally:
+            trainer.close()
+            sys.stdout.flush()
+        if not more:
+            return code
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume="latest"))

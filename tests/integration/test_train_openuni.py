@@ -136,3 +136,28 @@ def test_broken_task_stops_training_naming_task_and_file(tmp_path, scene_root):
     assert res.returncode != 0
     out = res.stdout + res.stderr
     assert "seg" in out and ".tar" in out
+
+
+STAGES = "train.stages=[{steps: 4}, {steps: 4, tasks: [pix], freeze: [understanding]}]"
+
+
+def test_two_stages_freeze_understanding_and_resume_across_the_boundary(tmp_path, scene_root):
+    """OpenUni's paper recipe at tiny size: four tasks, then pixel-only with InternVL3 frozen."""
+    whole = tmp_path / "whole"
+    train(whole, scene_root, "train.steps=8", STAGES)
+    rows = metrics(whole, 0)
+    assert [r["stage"] for r in rows] == [1] * 4 + [2] * 4
+    assert all(set(r["losses"]) == {"und", "pix", "depth", "seg"} for r in rows[:4])
+    assert all(set(r["losses"]) == {"pix"} and r["samples"] == {"pix": 8} for r in rows[4:])
+
+    end1, final = torch.load(whole / "export" / "stage1" / "model.pt"), torch.load(whole / "final" / "model.pt")
+    understanding = [n for n in end1 if n.startswith("lmm.")]
+    assert understanding and all(torch.equal(end1[n], final[n]) for n in understanding)
+    assert any(not torch.equal(end1[n], final[n]) for n in end1 if n.startswith("transformer."))
+
+    split = tmp_path / "split"
+    train(split, scene_root, "train.steps=8", STAGES, "train.stop_after=4")
+    assert [r["stage"] for r in metrics(split, 0)] == [1] * 4
+    train(split, scene_root, "train.steps=8", STAGES, "run.resume=latest")
+    for rank in (0, 1):
+        assert [r["losses"] for r in metrics(split, rank)] == [r["losses"] for r in metrics(whole, rank)]

@@ -22,7 +22,8 @@ def test_paper_recipe_batch_arithmetic():
     plan = validate(cfg, dp_size=8)
     # 4 per task × 4 tasks × 8 GPUs; round-robin: one task per micro-step.
     assert (plan.micro_batch, plan.grad_accum, plan.train_batch_size, plan.per_task_per_step) == (4, 4, 128, 4)
-    assert cfg.optim.lr == 1e-5 and cfg.train.steps == 2000
+    assert cfg.optim.lr == 1e-5 and cfg.train.steps == 4000
+    assert [(s.steps, s.tasks, s.freeze) for s in cfg.train.stages] == [(2000, [], []), (2000, ["pix"], ["understanding"])]
 
 
 def test_paper_recipe_on_wrong_gpu_count_names_the_fields():

@@ -72,6 +72,11 @@ class UMMAdapter(nn.Module, abc.ABC):
             for p in self.get_submodule(name).parameters():
                 p.requires_grad_(False)
 
+    def understanding_module_names(self) -> list[str]:
+        """The understanding model (a recipe stage may freeze it: ``freeze: [understanding]``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not name its understanding modules; list "
+                                  "module paths in train.stages[].freeze instead of 'understanding'")
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 
