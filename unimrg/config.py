@@ -82,6 +82,12 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+def repo_path(path: str) -> Path:
+    """A path as given, or relative to the repository (recipes name ``ds_configs/...``)."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else REPO / p
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message names the fields and how to fix them."""
 
@@ -220,7 +226,7 @@ def validate(cfg: Config, dp_size: int) -> BatchPlan:
         raise ConfigError(f"train.zero_stage={t.zero_stage}: use 2 or 3")
     if t.steps < 1 or t.stop_after < 0:
         raise ConfigError(f"train.steps={t.steps} must be ≥ 1 and train.stop_after={t.stop_after} ≥ 0")
-    if t.ds_config and not Path(t.ds_config).is_file():
+    if t.ds_config and not repo_path(t.ds_config).is_file():
         raise ConfigError(f"train.ds_config={t.ds_config}: no such file (see ds_configs/)")
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).exists():
         raise ConfigError(f"model.checkpoint={cfg.model.checkpoint}: no such path (give a local path "

@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 import deepspeed.comm  # noqa: E402
 
-from unimrg.config import REPO, BatchPlan, Config, ConfigError  # noqa: E402
+from unimrg.config import REPO, BatchPlan, Config, ConfigError, repo_path  # noqa: E402
 
 BATCH_FIELDS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
@@ -48,7 +48,7 @@ def init_distributed() -> tuple[int, int, int]:
 
 
 def ds_config_path(cfg: Config) -> Path:
-    return Path(cfg.train.ds_config) if cfg.train.ds_config else REPO / "ds_configs" / f"zero{cfg.train.zero_stage}.json"
+    return repo_path(cfg.train.ds_config) if cfg.train.ds_config else REPO / "ds_configs" / f"zero{cfg.train.zero_stage}.json"
 
 
 def fill_batch_fields(ds: dict, plan: BatchPlan) -> dict:
