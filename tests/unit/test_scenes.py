@@ -61,9 +61,9 @@ def test_depth_is_the_nearest_surface(sc):
         # an object hidden behind another at a pixel is behind it in depth there
         hidden = hit & ~mine & (labels >= 0)
         assert (t[hidden] > z[hidden]).all()
-    # normalised depth is a monotone map of the z-buffer
+    # normalised depth is a decreasing map of the z-buffer (inverse depth, near = bright, as DA-V2)
     order = np.argsort(z)
-    assert (np.diff(sc.depth.ravel()[order]) >= 0).all()
+    assert (np.diff(sc.depth.ravel()[order]) <= 0).all()
 
 
 @pytest.mark.parametrize("sc", SCENES, ids=lambda s: s.key)
@@ -106,8 +106,8 @@ def test_answers_match_the_geometry(sc):
             near = a if za < zb else b
             far = b if near == a else a
             assert qa.answer == f"The {names[near]}."
-            # the rendered depth agrees: the closer object's visible pixels are nearer
-            assert np.median(sc.depth[sc.labels == near]) < np.median(sc.depth[sc.labels == far])
+            # the rendered depth agrees: the closer object's visible pixels are brighter (inverse depth)
+            assert np.median(sc.depth[sc.labels == near]) > np.median(sc.depth[sc.labels == far])
         elif qa.kind == "left_right":
             a, b = (names.index(n) for n in qa.subjects)
             col_a, col_b = (np.nonzero(sc.labels == i)[1].mean() for i in (a, b))

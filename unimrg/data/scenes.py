@@ -4,10 +4,9 @@ The embedded default data: simple 3-D scenes (2-4 spheres / cubes / cylinders of
 floor in front of a wall), ray-cast with a pinhole camera, so every target is exact:
 
 * the RGB image (Lambert shading, no anti-aliasing, so pixels, depth and boundaries align exactly);
-* the depth map: the z-buffer (camera-space depth of the first hit), min-max normalised to [0, 1]
-  with a guard for flat maps, as the paper normalises Depth Anything V2 outputs (Appendix B.2).
-  Convention: near = 0, far = 1 (a z-buffer). Depth Anything predicts *relative inverse* depth
-  (near = bright); a run that mixes scene targets with DA-V2 targets must flip one of them;
+* the depth map in Depth Anything V2's convention, so scene targets and real targets mean the same:
+  *inverse* depth (1 / the z-buffer's camera-space depth, near = bright), min-max normalised to
+  [0, 1] with a guard for flat maps, as the paper normalises DA-V2 outputs (Appendix B.2);
 * the boundary map: 1-pixel white boundaries of every visible object region on black, 3 channels,
   {0, 255} -- ``mask & ~erode(mask)`` per region with a zero border, the rule the SAM target maker
   uses (notes/preprocessing.md); floor and wall are background, not regions;
@@ -105,7 +104,7 @@ class Scene:
     objects: list[SceneObject]
     image: np.ndarray        # (H, W, 3) uint8
     zbuffer: np.ndarray      # (H, W) float32, camera-space depth of the first hit (world units)
-    depth: np.ndarray        # (H, W) float32 in [0, 1], min-max normalised zbuffer (near = 0)
+    depth: np.ndarray        # (H, W) float32 in [0, 1], min-max normalised 1 / zbuffer (near = 1, as DA-V2)
     labels: np.ndarray       # (H, W) int16: WALL, FLOOR, or the index of the visible object
     boundary: np.ndarray     # (H, W, 3) uint8 in {0, 255}
     qa: list[QA] = field(default_factory=list)
@@ -355,7 +354,7 @@ def make_scene(seed: int, index: int, size: int) -> Scene:
         if qa is None:
             continue
         return Scene(key=f"scene{index:07d}", objects=objs, image=image, zbuffer=zbuf,
-                     depth=normalise_depth(zbuf), labels=labels, boundary=boundary_map(labels), qa=qa)
+                     depth=normalise_depth(1.0 / zbuf), labels=labels, boundary=boundary_map(labels), qa=qa)
     raise RuntimeError(f"could not place a valid scene (seed={seed}, index={index}, size={size}) "
                        f"in {MAX_TRIES} tries; use a larger --size")
 
@@ -446,7 +445,7 @@ def write_scene_datasets(root: str | os.PathLike, num_scenes: int, size: int, se
             os.replace(tmp / task, root / task)
         (root / MARKER).write_text(json.dumps(
             {"num_scenes": num_scenes, "size": size, "seed": seed, "shards": shards,
-             "depth": "z-buffer, min-max [0,1], near=0", "generator": "unimrg.data.scenes"}, indent=1))
+             "depth": "inverse z-buffer, min-max [0,1], near=1 (Depth Anything V2 convention)", "generator": "unimrg.data.scenes"}, indent=1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
