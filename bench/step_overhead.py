@@ -51,7 +51,8 @@ def worker(args) -> None:
     from unimrg.trainer import lr_lambda
 
     rank, world, _ = eng.init_distributed()
-    cfg = load_config(recipe_path("openuni", "tiny"), ["run.dir=/tmp/unused", f"train.micro_batch_per_task={args.micro}"])
+    cfg = load_config(recipe_path("openuni", "tiny"), ["run.dir=/tmp/unused", f"train.micro_batch_per_task={args.micro}",
+                                                       *(["train.ds_config=" + args.ds_config] if args.ds_config else [])])
     plan = validate(cfg, world)
     torch.manual_seed(0)
     base = build_model(cfg.model)
@@ -109,6 +110,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--ds-config", default="", help="ZeRO-2 JSON to measure (default: the tiny recipe's)")
     args = ap.parse_args()
     if "RANK" in os.environ:
         return worker(args)
