@@ -96,9 +96,8 @@ class Trainer:
             model.load_state_dict(torch.load(self.stage_export(state["stage"]), mmap=True, weights_only=True))
         self.seed_rank(cfg.train.seed + 1000 * (self.rank + 1))
 
-        optimizer = torch.optim.AdamW(list(model.trainable_parameters()), lr=cfg.optim.lr,
-                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                      weight_decay=cfg.optim.weight_decay)
+        optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         self.ds_config = eng.resolve_ds_config(cfg, self.plan)
         self.engine = eng.Engine(model, self.ds_config, optimizer,
                                  lr_lambda(cfg, self.stage_end - self.stage_start))

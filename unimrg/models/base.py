@@ -80,6 +80,20 @@ class UMMAdapter(nn.Module, abc.ABC):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 
+    def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
+        """Parameters AdamW must not decay. Default none (the xtuner / mmengine default the OpenUni
+        and Show-o releases train with); adapters whose official optimizer excludes some override."""
+        return False
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups over the trainable parameters."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if self.no_weight_decay(name, p) else decay).append(p)
+        return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
     def train(self, mode: bool = True):
         super().train(mode)
         # Frozen parts never train: keep dropout / norm statistics of e.g. the VAE deterministic.

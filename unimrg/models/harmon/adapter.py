@@ -160,6 +160,11 @@ class Harmon(UMMAdapter):
         self.mar.diffloss.net.grad_checkpointing = enabled
 
     # ---- protocol ------------------------------------------------------------------------------
+    def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
+        # MAR's weight-decay rule (LTH14/mar util/misc.py `add_weight_decay`), which Harmon's optimizer
+        # builder follows: no decay on 1-D parameters (norms), biases, or anything in the diffusion head.
+        return param.ndim < 2 or name.endswith(".bias") or name.startswith("mar.diffloss.")
+
     def frozen_module_names(self) -> list[str]:
         names = ["vae", "mar.class_emb"]
         if self.cfg.freeze_text_embeddings:
