@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--nodes", type=int, default=1)
     g.add_argument("--gpus-per-node", type=int, default=None,
                    help="one rank per GPU; 0 = CPU ranks (default: GPUs visible here, else 0)")
-    g.add_argument("--cpu-ranks-per-node", type=int, default=2, help="ranks per node when --gpus-per-node 0")
+    g.add_argument("--cpu-ranks-per-node", type=int, default=None,
+                   help="ranks per node when --gpus-per-node 0 (default: 2 ranks in all, at least 1 per node)")
     s = ap.add_argument_group("SLURM")
     s.add_argument("--partition")
     s.add_argument("--account")
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.gpus_per_node is None:
         import torch
         args.gpus_per_node = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.cpu_ranks_per_node is None:
+        args.cpu_ranks_per_node = max(1, 2 // args.nodes)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         ap.error(f"overrides must be key=value, got {bad}")

@@ -68,6 +68,10 @@ class Trainer:
     """Trains one stage of a run (most runs have a single stage); ``run`` chains the stages."""
 
     def __init__(self, cfg: Config):
+        # First thing: a preemption warning during start-up must not kill the rank.
+        self.stop_requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self.on_signal)
         self.rank, self.world, self.local_rank = eng.init_distributed()
         validate(cfg, dp_size=self.world)
         self.run_dir = Path(cfg.run.dir)
@@ -106,7 +110,6 @@ class Trainer:
                                    cfg.model.image_size, self.rank, self.world, cfg.train.seed)
         self.step = 0
         self.samples_seen = defaultdict(int)   # per task, this rank
-        self.stop_requested = False
         self.writer = None
         if self.rank == 0:
             self.write_run_files()
@@ -115,8 +118,6 @@ class Trainer:
                 self.writer = SummaryWriter(str(self.run_dir / "tb"))
         (self.run_dir / "metrics").mkdir(parents=True, exist_ok=True)
         self.metrics = open(self.run_dir / "metrics" / f"rank{self.rank}.jsonl", "a")
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self.on_signal)
         if self.resume_from is not None:
             self.load(self.resume_from, state, engine_state=not self.new_stage)
 
