@@ -37,6 +37,18 @@ class UMMAdapter(nn.Module, abc.ABC):
     """
 
     config_class: type[ModelConfig] = ModelConfig
+    #: the override that gives a full-size model its tokenizer (named in the error when it is missing)
+    tokenizer_setting: str = "model.tokenizer=<local tokenizer folder>"
+    tokenizer = None
+
+    def _tok(self):
+        if self.tokenizer is None:
+            raise ValueError(f"{type(self).__name__}(size='full') needs its tokenizer: set {self.tokenizer_setting}")
+        return self.tokenizer
+
+    def _encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without the tokenizer's own BOS/EOS (chat formats add their own)."""
+        return self._tok()(text, add_special_tokens=False).input_ids
 
     # ---- the losses --------------------------------------------------------------------------
     @abc.abstractmethod

@@ -124,6 +124,7 @@ class Harmon(UMMAdapter):
     buffer_size=4))`` builds a random tiny model."""
 
     config_class = HarmonConfig
+    tokenizer_setting = "model.llm_path=<local Qwen2.5-1.5B-Instruct folder>"
 
     def __init__(self, cfg: HarmonConfig):
         super().__init__()
@@ -296,15 +297,6 @@ class Harmon(UMMAdapter):
         return mask.to(device)
 
     # ---- text ------------------------------------------------------------------------------------
-    def _tok(self) -> PreTrainedTokenizerBase:
-        if self.tokenizer is None:
-            raise ValueError("Harmon(size='full') needs its tokenizer: set model.llm_path=<local "
-                             "Qwen2.5-1.5B-Instruct folder>")
-        return self.tokenizer
-
-    def _encode(self, text: str) -> list[int]:
-        return self._tok()(text, add_special_tokens=False).input_ids
-
     def _pad_id(self) -> int:
         tok = self._tok()
         return tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids(ENDOFTEXT)

@@ -77,6 +77,7 @@ class OpenUni(UMMAdapter):
     """UniMRG adapter for OpenUni. ``OpenUni(OpenUniConfig(size="tiny"))`` builds a random tiny model."""
 
     config_class = OpenUniConfig
+    tokenizer_setting = "model.tokenizer=<local InternVL3-2B folder>"
 
     def __init__(self, cfg: OpenUniConfig):
         super().__init__()
@@ -341,15 +342,6 @@ class OpenUni(UMMAdapter):
         mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         return ((x - mean) / std).to(dtype)
-
-    def _tok(self) -> PreTrainedTokenizerBase:
-        if self.tokenizer is None:
-            raise ValueError("OpenUni(size='full') needs its tokenizer: set model.tokenizer=<local InternVL3-2B "
-                             "folder>")
-        return self.tokenizer
-
-    def _encode(self, text: str) -> list[int]:
-        return self._tok()(text, add_special_tokens=False).input_ids
 
     def _image_tokens(self, n: int) -> str:
         return IMG_START + IMG_CONTEXT * n + IMG_END

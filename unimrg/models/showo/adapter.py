@@ -95,6 +95,7 @@ class Showo(UMMAdapter):
     """UniMRG adapter for Show-o. ``Showo(ShowoConfig(size="tiny"))`` builds a random tiny model."""
 
     config_class = ShowoConfig
+    tokenizer_setting = "model.tokenizer=<local microsoft/phi-1_5 folder>"
 
     def __init__(self, cfg: ShowoConfig):
         super().__init__()
@@ -432,15 +433,6 @@ class Showo(UMMAdapter):
                              "(\"\" for unconditional)")
         if b.targets.shape[0] != len(b):
             raise ValueError(f"Show-o {b.task}: {len(b)} images but {b.targets.shape[0]} targets")
-
-    def _tok(self) -> PreTrainedTokenizerBase:
-        if self.tokenizer is None:
-            raise ValueError("Show-o(size='full') needs its tokenizer: set model.tokenizer=<local microsoft/phi-1_5 "
-                             "folder>")
-        return self.tokenizer
-
-    def _encode(self, text: str) -> list[int]:
-        return self._tok()(text, add_special_tokens=False).input_ids
 
     def _eos_id(self) -> int:
         return self._tok().convert_tokens_to_ids(ENDOFTEXT)
