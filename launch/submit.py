@@ -29,6 +29,8 @@ from unimrg.models import registry  # noqa: E402
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--job", choices=("train", "preprocess"), default="train",
+                    help="train a model, or make depth / segmentation targets (launch/preprocess.py)")
     ap.add_argument("--model", default="openuni", help=f"one of {registry.names()}")
     ap.add_argument("--recipe", default="tiny", help="name (launch/recipes/<model>_<name>.yaml) or a YAML path")
     ap.add_argument("--cluster", choices=("local", "slurm"), default="local")
@@ -43,6 +45,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="one rank per GPU; 0 = CPU ranks (default: GPUs visible here, else 0)")
     g.add_argument("--cpu-ranks-per-node", type=int, default=None,
                    help="ranks per node when --gpus-per-node 0 (default: 2 ranks in all, at least 1 per node)")
+    pre = ap.add_argument_group("--job preprocess (options after `--` go to unimrg.targets.job)")
+    pre.add_argument("--out", help="DATA_ROOT written by unimrg.targets.ingest; becomes the trainer's data.root")
+    pre.add_argument("--images", help="image list (default DATA_ROOT/images.jsonl)")
+    pre.add_argument("--depth-model", help="local HF folder of Depth Anything V2")
+    pre.add_argument("--sam-model", help="local HF folder of SAM")
     s = ap.add_argument_group("SLURM")
     s.add_argument("--partition")
     s.add_argument("--account")
@@ -55,7 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="return once submitted (default: follow rank 0's log and report the outcome)")
     s.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE", help="extra sbatch parameter")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    job_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     args = ap.parse_intermixed_args(argv)   # overrides may come before or after options
+    args.job_args = job_args
     if args.gpus_per_node is None:
         import torch
         args.gpus_per_node = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -73,6 +84,9 @@ def ranks_per_node(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.job == "preprocess":
+        from launch.preprocess import submit as submit_preprocess
+        return submit_preprocess(args)
     run_dir = Path(args.run_dir or REPO / "runs" / f"{args.model}_{Path(args.recipe).stem}").resolve()
     overrides = [*args.overrides, f"run.dir={run_dir}"]
     if args.resume is not None:

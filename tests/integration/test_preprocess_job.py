@@ -176,3 +176,44 @@ def test_sbatch_array_then_finalize(data, slurm_cluster):
     summary = json.loads((root / "summary.json").read_text())
     assert summary["samples"] == len(SIZES) and set(summary["streams"]) == set(TASKS)
     assert "task 0 of 2" in logs and "task 1 of 2" in logs
+
+
+JOB_OPTS = ["--shard-size", "2", "--points-per-side", "2", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
+
+
+def submit_preprocess(data, root: Path, *launch: str):
+    tmp, _, args = data
+    ingest(IngestConfig(llava=[str(tmp / "llava.json")], image_roots=[str(tmp / "images")], out=str(root),
+                        workers=1))
+    opts = dict(zip(args[::2], args[1::2]))
+    return subprocess.run([sys.executable, "launch/submit.py", "--job", "preprocess", "--out", str(root),
+                           "--depth-model", opts["--depth-model"], "--sam-model", opts["--sam-model"],
+                           "--gpus-per-node", "0", *launch, "--", *JOB_OPTS],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_submit_py_preprocess_local_runs_the_array_and_finalizes(data):
+    """`submit.py --job preprocess --cluster local`: two task processes, then finalize."""
+    root = data[0] / "submit-local"
+    res = submit_preprocess(data, root, "--cluster", "local", "--cpu-ranks-per-node", "2")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert "2 task(s) on local" in res.stdout
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["samples"] == len(SIZES) and set(summary["streams"]) == set(TASKS)
+
+
+@pytest.mark.slurm
+def test_submit_py_preprocess_on_slurm(data, slurm_cluster):
+    """`submit.py --job preprocess --cluster slurm --nodes 2`: the sbatch array + finalize, waited for."""
+    root = data[0] / "submit-slurm"
+    env_backup = dict(os.environ)
+    os.environ.update(slurm_cluster.env)
+    try:
+        res = submit_preprocess(data, root, "--cluster", "slurm", "--nodes", "2", "--cpu-ranks-per-node", "1",
+                                "--time", "10", "--mem", "2G", "--slurm", "cpus-per-task=1")
+    finally:
+        os.environ.clear()
+        os.environ.update(env_backup)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert "finalize job" in res.stdout and "COMPLETED" in res.stdout
+    assert json.loads((root / "summary.json").read_text())["samples"] == len(SIZES)
