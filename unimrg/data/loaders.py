@@ -24,6 +24,7 @@ log and drop it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import warnings
@@ -113,6 +114,21 @@ def ensure_scene_data(cfg: DataConfig, tasks: Sequence[str]) -> None:
 
         write_scene_datasets(cfg.root, cfg.scenes, cfg.scene_size, cfg.scene_seed, cfg.scene_shards)
     check_data_paths(cfg, tasks)
+
+
+def prepare_dataset(path: Path, tars: list[str]) -> None:
+    """Index ``tars`` (relative to ``path``) with energon's Python API (no TTY) and declare the
+    ``CrudeWebdataset`` this module reads; the scene generator and the preprocessing job both call it."""
+    import yaml
+    from megatron.energon.flavors.webdataset.base_webdataset import BaseWebdatasetFactory
+
+    with contextlib.redirect_stdout(io.StringIO()):   # energon prints progress lines naming the temp dir
+        BaseWebdatasetFactory.prepare_dataset(
+            path, tars, split_parts_ratio=[("train", 1.0), ("val", 0.0), ("test", 0.0)],
+            shuffle_seed=None, workers=1, progress_fn=lambda it, length=None: it)
+    # same content as `energon prepare --sample-type CrudeWebdataset` writes (tools/prepare.py)
+    (path / ".nv-meta" / "dataset.yaml").write_text(
+        yaml.safe_dump({"__module__": "megatron.energon", "__class__": "CrudeWebdataset"}, sort_keys=False))
 
 
 class TaskDataError(RuntimeError):

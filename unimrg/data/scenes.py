@@ -29,7 +29,6 @@ Scene ``i`` depends only on (seed, i, size): more scenes never change the earlie
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import math
@@ -44,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from unimrg.data.loaders import prepare_dataset
 from unimrg.tasks import DEPTH, SEG, TASKS, UND
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -379,20 +379,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _prepare_energon(path: Path, tars: list[str]) -> None:
-    """Index the shards (energon's Python API, no TTY) and declare a CrudeWebdataset."""
-    import yaml
-    from megatron.energon.flavors.webdataset.base_webdataset import BaseWebdatasetFactory
-
-    with contextlib.redirect_stdout(io.StringIO()):   # energon prints progress lines naming the temp dir
-        BaseWebdatasetFactory.prepare_dataset(
-            path, tars, split_parts_ratio=[("train", 1.0), ("val", 0.0), ("test", 0.0)],
-            shuffle_seed=None, workers=1, progress_fn=lambda it, length=None: it)
-    # same content as `energon prepare --sample-type CrudeWebdataset` writes (tools/prepare.py)
-    (path / ".nv-meta" / "dataset.yaml").write_text(
-        yaml.safe_dump({"__module__": "megatron.energon", "__class__": "CrudeWebdataset"}, sort_keys=False))
-
-
 MARKER = "scenes.json"
 
 
@@ -438,7 +424,7 @@ def write_scene_datasets(root: str | os.PathLike, num_scenes: int, size: int, se
         for task in TASKS:
             for t in tars[task]:
                 t.close()
-            _prepare_energon(tmp / task, [f"shard-{s:06d}.tar" for s in range(shards)])
+            prepare_dataset(tmp / task, [f"shard-{s:06d}.tar" for s in range(shards)])
         for task in TASKS:
             if (root / task).exists():
                 shutil.rmtree(root / task)

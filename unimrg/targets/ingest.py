@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unimrg.data.llava import LlavaFormatError, LlavaRecord, parse_record
-from unimrg.targets.shards import (AtomicTar, UnreadableImage, atomic_write_text, prepare_crude_dataset, read_image,
+from unimrg.data.loaders import prepare_dataset
+from unimrg.targets.shards import (AtomicTar, UnreadableImage, atomic_write_text, read_image,
                                    sample_key, write_jsonl)
 
 UND_DIR, UND_TEXT_DIR = "und", "und_text"
@@ -229,7 +230,7 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
     write_jsonl(out / INGEST_REPORT, report)
     for folder, names in ((out / UND_DIR, und_names), (out / UND_TEXT_DIR, text_names)):
         if names:
-            prepare_crude_dataset(folder, names)
+            prepare_dataset(folder, names)
     summary.seconds = round(time.perf_counter() - t0, 3)
     atomic_write_text(out / INGEST_SUMMARY, json.dumps(summary.__dict__, indent=1))
     return summary

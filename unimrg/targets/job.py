@@ -44,7 +44,8 @@ import torch
 from unimrg.targets.depth import DepthConfig, DepthTargetMaker, encode_depth_png
 from unimrg.targets.ingest import INGEST_REPORT, UND_DIR
 from unimrg.targets.segmentation import SegmentationConfig, SegmentationTargetMaker, encode_seg_png
-from unimrg.targets.shards import (AtomicTar, UnreadableImage, atomic_write_text, prepare_crude_dataset, read_image,
+from unimrg.data.loaders import prepare_dataset
+from unimrg.targets.shards import (AtomicTar, UnreadableImage, atomic_write_text, read_image,
                                    read_jsonl, sample_key, write_jsonl)
 from unimrg.tasks import DEPTH, GENERATION_TASKS, SEG, UND
 
@@ -367,7 +368,7 @@ def finalize(out: str | Path) -> dict:
         names = [Path(rel).name for m in markers for rel in m["tars"] if rel.startswith(f"{stream}/")]
         if not names:
             raise RuntimeError(f"no image of the list produced a {stream} sample (see {out / PROGRESS}/*.json)")
-        prepare_crude_dataset(out / stream, names)
+        prepare_dataset(out / stream, names)
     und_ready = (out / UND_DIR / ".nv-meta" / "dataset.yaml").is_file()
 
     report = read_jsonl(out / INGEST_REPORT)

@@ -118,14 +118,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def prepare_crude_dataset(path: Path, tars: list[str]) -> None:
-    """Index ``tars`` (relative to ``path``) for Energon and declare a ``CrudeWebdataset`` — the same
-    metadata the scene generator writes, so unimrg.data.loaders reads both alike."""
-    from unimrg.data.scenes import _prepare_energon  # one implementation of the format (see module doc)
-
-    _prepare_energon(Path(path), tars)
-
-
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
