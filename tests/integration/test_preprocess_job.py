@@ -201,6 +201,15 @@ def test_submit_py_preprocess_local_runs_the_array_and_finalizes(data):
     summary = json.loads((root / "summary.json").read_text())
     assert summary["samples"] == len(SIZES) and set(summary["streams"]) == set(TASKS)
 
+    # the prepared folder is a data.root: the trainer runs all four tasks on it
+    run = data[0] / "train-on-prepared"
+    res = subprocess.run([sys.executable, "launch/submit.py", "--model", "openuni", "--recipe", "tiny",
+                          "--run-dir", str(run), f"data.root={root}", "train.steps=2", "train.export_final=false"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    rows = [json.loads(line) for line in (run / "metrics" / "rank0.jsonl").read_text().splitlines()]
+    assert [set(r["losses"]) for r in rows] == [set(TASKS)] * 2
+
 
 @pytest.mark.slurm
 def test_submit_py_preprocess_on_slurm(data, slurm_cluster):
