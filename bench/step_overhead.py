@@ -4,13 +4,15 @@
 
 Same tiny OpenUni, same in-memory batches (one per task, round-robin accumulation over the 4 tasks),
 torch AdamW in both, same process count. Each of ``--repeats`` rounds times ``--steps`` optimizer
-steps of each, alternating so that machine noise hits both; prints the median step time of each and
-the ratio ours / bare (goal ≤ 1.10).
+steps of each variant, interleaved so that machine noise hits all; prints the median step time of each
+and the ratio ours / bare (goal ≤ 1.10) for every ZeRO JSON given. ZeRO-2 reduce-scatters gradients
+after every micro-step (4 per step here) where DDP's no_sync reduces once; ZeRO-1 reduces once too.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import copy
 import os
 import statistics
@@ -51,8 +53,7 @@ def worker(args) -> None:
     from unimrg.trainer import lr_lambda
 
     rank, world, _ = eng.init_distributed()
-    cfg = load_config(recipe_path("openuni", "tiny"), ["run.dir=/tmp/unused", f"train.micro_batch_per_task={args.micro}",
-                                                       *(["train.ds_config=" + args.ds_config] if args.ds_config else [])])
+    cfg = load_config(recipe_path("openuni", "tiny"), ["run.dir=/tmp/unused", f"train.micro_batch_per_task={args.micro}"])
     plan = validate(cfg, world)
     torch.manual_seed(0)
     base = build_model(cfg.model)
@@ -73,23 +74,28 @@ def worker(args) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    # ---- ours: the trainer's engine (ZeRO stage from --zero), fp32 like the bare step
-    ours_model = copy.deepcopy(base)
-    cfg.train.precision = "fp32"
-    ds = eng.resolve_ds_config(cfg, plan)
-    engine = eng.Engine(ours_model, ds, torch.optim.AdamW(list(ours_model.trainable_parameters()), lr=1e-4),
-                        lr_lambda(cfg, cfg.train.steps))
+    # ---- ours: the trainer's engine for each ZeRO JSON, fp32 like the bare step
+    steps = {"bare": bare_step}
+    for path in args.ds_config:
+        stage = json.loads((REPO / path).read_text())["zero_optimization"]["stage"]
+        c = load_config(recipe_path("openuni", "tiny"), [
+            "run.dir=/tmp/unused", f"train.micro_batch_per_task={args.micro}", "train.precision=fp32",
+            f"train.ds_config={path}", f"train.zero_stage={stage}"])
+        model = copy.deepcopy(base)
+        engine = eng.Engine(model, eng.resolve_ds_config(c, plan),
+                            torch.optim.AdamW(list(model.trainable_parameters()), lr=1e-4), lr_lambda(c, c.train.steps))
 
-    def ours_step():
-        for b in data:
-            engine.backward(sum(engine([b]).values()))
-            engine.step()
+        def ours_step(engine=engine):
+            for b in data:
+                engine.backward(sum(engine([b]).values()))
+                engine.step()
+        steps[f"ZeRO-{stage} ({path})"] = ours_step
 
-    times = {"bare": [], "ours": []}
-    for name, fn in (("bare", bare_step), ("ours", ours_step)):
+    times = {name: [] for name in steps}
+    for fn in steps.values():
         fn()  # warm-up
-    for _ in range(args.repeats):
-        for name, fn in (("bare", bare_step), ("ours", ours_step)):
+    for _ in range(args.repeats):   # interleaved, so that machine noise hits every variant alike
+        for name, fn in steps.items():
             for _ in range(args.steps):
                 dist.barrier()
                 t0 = time.perf_counter()
@@ -97,10 +103,11 @@ def worker(args) -> None:
                 dist.barrier()
                 times[name].append(time.perf_counter() - t0)
     if rank == 0:
-        b, o = statistics.median(times["bare"]), statistics.median(times["ours"])
-        print(f"bare PyTorch DDP step: median {b * 1e3:.1f} ms over {len(times['bare'])} steps")
-        print(f"UniMRG engine (ZeRO-{cfg.train.zero_stage}) step: median {o * 1e3:.1f} ms over {len(times['ours'])} steps")
-        print(f"ratio ours / bare = {o / b:.3f}  (goal <= 1.10)")
+        bare = statistics.median(times["bare"])
+        print(f"bare PyTorch DDP step (no_sync accumulation): median {bare * 1e3:.1f} ms over {len(times['bare'])} steps")
+        for name in list(steps)[1:]:
+            ours = statistics.median(times[name])
+            print(f"UniMRG engine, {name}: median {ours * 1e3:.1f} ms; ratio ours / bare = {ours / bare:.3f}  (goal <= 1.10)")
     dist.destroy_process_group()
 
 
@@ -110,7 +117,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--micro", type=int, default=4)
-    ap.add_argument("--ds-config", default="", help="ZeRO-2 JSON to measure (default: the tiny recipe's)")
+    ap.add_argument("--ds-config", nargs="+", default=["ds_configs/zero2_tiny.json", "ds_configs/zero1_tiny.json"],
+                    help="ZeRO JSONs to measure (default: the tiny recipe's ZeRO-2, and ZeRO-1)")
     args = ap.parse_args()
     if "RANK" in os.environ:
         return worker(args)

@@ -54,7 +54,7 @@ class TrainConfig:
     grad_accum: int = 4               # micro-steps per optimizer step
     global_batch_size: int = 0        # optional check: samples per optimizer step over all ranks (0 = derive)
     precision: str = "bf16"           # "bf16" | "fp32" (fp16 is not supported: the paper's models run bf16)
-    zero_stage: int = 2               # 2 | 3
+    zero_stage: int = 2               # 1 | 2 | 3 (1: gradients reduced once per step, not per micro-step)
     ds_config: str = ""               # ZeRO JSON; "" = ds_configs/zero{zero_stage}.json
     seed: int = 0
     log_every: int = 1
@@ -222,8 +222,8 @@ def validate(cfg: Config, dp_size: int) -> BatchPlan:
     t = cfg.train
     if t.precision not in ("bf16", "fp32"):
         raise ConfigError(f"train.precision={t.precision!r}: use bf16 or fp32 (fp16 is not supported)")
-    if t.zero_stage not in (2, 3):
-        raise ConfigError(f"train.zero_stage={t.zero_stage}: use 2 or 3")
+    if t.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"train.zero_stage={t.zero_stage}: use 1, 2 or 3")
     if t.steps < 1 or t.stop_after < 0:
         raise ConfigError(f"train.steps={t.steps} must be ≥ 1 and train.stop_after={t.stop_after} ≥ 0")
     if t.ds_config and not repo_path(t.ds_config).is_file():

@@ -161,3 +161,14 @@ def test_two_stages_freeze_understanding_and_resume_across_the_boundary(tmp_path
     train(split, scene_root, "train.steps=8", STAGES, "run.resume=latest")
     for rank in (0, 1):
         assert [r["losses"] for r in metrics(split, rank)] == [r["losses"] for r in metrics(whole, rank)]
+
+
+def test_zero1_reduces_once_per_step_and_keeps_frozen_weights(tmp_path, scene_root):
+    """ZeRO-1 (bench/step_overhead.py: no per-micro-step reduce-scatter) trains through the same path."""
+    train(tmp_path, scene_root, "train.zero_stage=1", "train.ds_config=ds_configs/zero1_tiny.json", "train.steps=4")
+    assert json.loads((tmp_path / "ds_config.json").read_text())["zero_optimization"]["stage"] == 1
+    assert all(r["samples"] == {"und": 2, "pix": 2, "depth": 2, "seg": 2} for r in metrics(tmp_path, 1))
+    final = torch.load(tmp_path / "final" / "model.pt")
+    init, frozen = initial_weights(tmp_path)
+    assert frozen and all(torch.equal(final[n], init[n]) for n in frozen)
+    assert all(not torch.equal(final[n], w) for n, w in init.items() if n not in frozen)
