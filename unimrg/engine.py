@@ -99,6 +99,7 @@ class Engine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             model_parameters=[p for p in model.parameters() if p.requires_grad])
         self.zero_stage = ds_config["zero_optimization"]["stage"]
+        self.bf16 = ds_config.get("bf16", {}).get("enabled", False)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -147,9 +148,15 @@ class Engine:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """What ``module.state_dict()`` holds (parameters, persistent buffers), each parameter gathered
-        on its own so this works at any size under ZeRO-3; equal on all ranks."""
+        on its own so this works at any size under ZeRO-3; equal on all ranks (collective: call on all).
+        In bf16, trained parameters come from the optimizer's fp32 masters, not the bf16 module copy,
+        so a later stage or an export starts from the weights training really has."""
         out = {}
         for name, p in self.module.named_parameters():
+            master = deepspeed.utils.safe_get_full_fp32_param(p) if self.bf16 and p.requires_grad else None
+            if master is not None:
+                out[name] = master.detach().cpu().clone()
+                continue
             with self.gathered([p]):
                 out[name] = p.detach().cpu().clone()
         for mod_name, mod in self.module.named_modules():
