@@ -172,3 +172,14 @@ def test_zero1_reduces_once_per_step_and_keeps_frozen_weights(tmp_path, scene_ro
     init, frozen = initial_weights(tmp_path)
     assert frozen and all(torch.equal(final[n], init[n]) for n in frozen)
     assert all(not torch.equal(final[n], w) for n, w in init.items() if n not in frozen)
+
+
+def test_bf16_run_exports_the_fp32_masters(tmp_path, scene_root):
+    """bf16 training keeps fp32 masters in the optimizer; the export must be those, not bf16 copies."""
+    train(tmp_path, scene_root, "train.precision=bf16", "train.steps=2")
+    final = torch.load(tmp_path / "final" / "model.pt")
+    init, frozen = initial_weights(tmp_path)
+    trained = [n for n in init if n not in frozen]
+    assert all(final[n].dtype == torch.float32 for n in trained)
+    assert any(not torch.equal(final[n], final[n].bfloat16().float()) for n in trained)   # real fp32 values
+    assert all(final[n].dtype == torch.bfloat16 for n in frozen)   # frozen weights live in bf16 under bf16
