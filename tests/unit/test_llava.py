@@ -97,3 +97,15 @@ def test_jsonl_and_broken_json(tmp_path):
         load_llava_file(g)
     with pytest.raises(LlavaFormatError, match="shard-0.tar:k.json: not valid JSON"):
         parse_record_bytes(b"\xff\xfe", source="shard-0.tar:k.json")
+
+
+def test_dialogue_turns_as_models_format_them():
+    from unimrg.data.llava import dialogue_turns
+    conv = [{"from": "gpt", "value": "system-ish opener"}, {"from": "human", "value": "<image>\nQ"},
+            {"from": "gpt", "value": "A"}]
+    assert dialogue_turns(conv, "k") == [("human", "<image>\nQ"), ("gpt", "A")]   # leading non-human dropped
+    with pytest.raises(ValueError, match="'k'.*no human→gpt turn"):
+        dialogue_turns([{"from": "human", "value": "Q"}], "k")
+    with pytest.raises(ValueError, match="turn 1 is from 'human', expected 'gpt'"):
+        dialogue_turns([{"from": "human", "value": "Q"}, {"from": "human", "value": "Q2"},
+                        {"from": "gpt", "value": "A"}], "k")

@@ -148,3 +148,26 @@ def parse_record_bytes(data: bytes, *, source: str) -> LlavaRecord:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LlavaFormatError(f"{source}: not valid JSON ({e})") from e
     return parse_record(obj, source=source)
+
+
+def dialogue_turns(conv: list[dict[str, str]], key: str) -> list[tuple[str, str]]:
+    """(role, text) of a conversation as a model formats it: a leading non-human (system / gpt) turn
+    dropped, as LLaVA-style trainers do; then human / gpt must alternate with at least one answer.
+
+    Args:
+        conv: the turns of an ``UnderstandingBatch`` sample.
+        key: the sample's key, named in errors.
+    """
+    turns = list(conv)
+    if turns and turns[0].get("from") != HUMAN:
+        turns = turns[1:]
+    if not any(t.get("from") == GPT for t in turns):
+        raise ValueError(f"understanding sample {key!r}: conversation has no human→gpt turn: {conv!r}")
+    out = []
+    for j, turn in enumerate(turns):
+        role, expected = turn.get("from"), HUMAN if j % 2 == 0 else GPT
+        if role != expected:
+            raise ValueError(f"understanding sample {key!r}: turn {j} is from {role!r}, expected "
+                             f"{expected!r} (LLaVA conversations alternate human/gpt)")
+        out.append((role, turn.get("value", "")))
+    return out

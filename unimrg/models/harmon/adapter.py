@@ -49,6 +49,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 
 from unimrg.data.batches import GenerationBatch, UnderstandingBatch
+from unimrg.data.llava import dialogue_turns
 from unimrg.models.base import ModelConfig, UMMAdapter
 from unimrg.models.harmon.arch import ENDOFTEXT, IM_END, IM_START, TINY_SPECIAL_TOKENS, HarmonArch, arch_for
 from unimrg.models.harmon.mar import MAR
@@ -317,17 +318,7 @@ class Harmon(UMMAdapter):
                 ids.extend(t)
                 labels.extend(t if train else [IGNORE_INDEX] * len(t))
 
-            turns = list(conv)
-            if turns and turns[0].get("from") != "human":       # LLaVA data may open with a system/gpt turn
-                turns = turns[1:]
-            if not any(t.get("from") == "gpt" for t in turns):
-                raise ValueError(f"understanding sample {key!r}: conversation has no human→gpt turn: {conv!r}")
-            for j, turn in enumerate(turns):
-                role, value = turn.get("from"), turn.get("value", "")
-                expected = "human" if j % 2 == 0 else "gpt"
-                if role != expected:
-                    raise ValueError(f"understanding sample {key!r}: turn {j} is from {role!r}, expected "
-                                     f"{expected!r} (LLaVA conversations alternate human/gpt)")
+            for j, (role, value) in enumerate(dialogue_turns(conv, key)):
                 if role == "human":
                     value = value.replace("<image>", "").strip()
                     if j == 0:

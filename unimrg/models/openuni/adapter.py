@@ -25,6 +25,7 @@ from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerBa
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
 from unimrg.data.batches import GenerationBatch, UnderstandingBatch
+from unimrg.data.llava import dialogue_turns
 from unimrg.models.base import ModelConfig, UMMAdapter
 from unimrg.models.official_io import KeyReport
 from unimrg.models.openuni.arch import (
@@ -373,18 +374,8 @@ class OpenUni(UMMAdapter):
 
             if self.system_message:
                 add(f"{IM_START}system\n{self.system_message}{IM_END}\n", False)
-            turns = [t for t in conv]
-            if turns and turns[0].get("from") != "human":      # InternVL skips a leading non-human turn
-                turns = turns[1:]
-            if not turns or not any(t.get("from") == "gpt" for t in turns):
-                raise ValueError(f"understanding sample {key!r}: conversation has no human→gpt turn: {conv!r}")
             placed = False
-            for j, turn in enumerate(turns):
-                role, value = turn.get("from"), turn.get("value", "")
-                expected = "human" if j % 2 == 0 else "gpt"
-                if role != expected:
-                    raise ValueError(f"understanding sample {key!r}: turn {j} is from {role!r}, expected "
-                                     f"{expected!r} (LLaVA conversations alternate human/gpt)")
+            for role, value in dialogue_turns(conv, key):
                 if role == "human":
                     if not placed:
                         # One image per sample: the first <image> becomes the image tokens (InternVL replaces

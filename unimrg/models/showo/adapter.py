@@ -28,6 +28,7 @@ from torch import nn
 from transformers import CLIPVisionModel, PhiForCausalLM, PreTrainedTokenizerBase
 
 from unimrg.data.batches import GenerationBatch, TaskBatch, UnderstandingBatch
+from unimrg.data.llava import dialogue_turns
 from unimrg.models.base import ModelConfig, UMMAdapter
 from unimrg.models.official_io import KeyReport, load_checked, read_state_dict, write_state_dict
 from unimrg.models.showo.arch import (
@@ -335,17 +336,9 @@ class Showo(UMMAdapter):
         seqs = []
         for i, conv in enumerate(batch.conversations):
             key = batch.keys[i] if i < len(batch.keys) else f"#{i}"
-            turns = list(conv)
-            if turns and turns[0].get("from") != "human":      # Show-o / LLaVA skip a leading non-human turn
-                turns = turns[1:]
-            if not any(t.get("from") == "gpt" for t in turns):
-                raise ValueError(f"understanding sample {key!r}: conversation has no human→gpt turn: {conv!r}")
             text, labels = [], []
-            for j, turn in enumerate(turns):
-                role, value = turn.get("from"), turn.get("value", "").replace("<image>", "").strip()
-                if role != ("human" if j % 2 == 0 else "gpt"):
-                    raise ValueError(f"understanding sample {key!r}: turn {j} is from {role!r}; LLaVA "
-                                     "conversations alternate human/gpt")
+            for role, value in dialogue_turns(conv, key):
+                value = value.replace("<image>", "").strip()
                 if role == "human":
                     ids = self._encode(f"USER: {value} ASSISTANT:")
                     labels += [IGNORE_INDEX] * len(ids)

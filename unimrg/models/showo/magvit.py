@@ -115,6 +115,14 @@ class _Level(nn.Module):
         self.block = nn.ModuleList()
         self.attn = nn.ModuleList()
 
+    def blocks(self, h: torch.Tensor) -> torch.Tensor:
+        """The level's residual blocks, each followed by its attention block where it has one."""
+        for j, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn):
+                h = self.attn[j](h)
+        return h
+
 
 class _Mid(nn.Module):
     def __init__(self, channels: int):
@@ -152,10 +160,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
+            h = level.blocks(h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.conv_out(F.silu(self.norm_out(self.mid(h))))
@@ -190,10 +195,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(self.post_quant_conv(z)))
         for level in reversed(self.up):
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
+            h = level.blocks(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
