@@ -127,6 +127,10 @@ def test_cmyk_palette_and_alpha():
     pal.putpixel((1, 1), 1)
     got = np.asarray(decode_rgb(encode(pal, "PNG", transparency=0)))
     assert (got[1, 1] == (0, 200, 0)).all() and (got[0, 0] == 255).all()
+    keyed = Image.new("RGB", (2, 2), (0, 0, 0))                # RGB PNG with a transparent colour key
+    keyed.putpixel((0, 0), (7, 8, 9))
+    got = np.asarray(decode_rgb(encode(keyed, "PNG", transparency=(0, 0, 0))))
+    assert (got[0, 0] == (7, 8, 9)).all() and (got[1, 1] == 255).all()
     grey_alpha = Image.fromarray(np.stack([np.full((2, 2), 50, np.uint8), np.full((2, 2), 255, np.uint8)], -1), "LA")
     assert (np.asarray(decode_rgb(encode(grey_alpha, "PNG"))) == 50).all()
 
@@ -242,13 +246,16 @@ def test_bad_input_corpus_through_the_job(tmp_path, models):
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
         rows.append(json.dumps({"key": name.replace(".", "_"), "path": str(tmp_path / name)}))
+    # a path Python cannot even open (ValueError, not OSError): it used to kill the reader thread
+    rows.append(json.dumps({"key": "nul", "path": str(tmp_path / "a\x00b.jpg")}))
     (tmp_path / "images.jsonl").write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
     summary = job_main(job_args(models, tmp_path / "images.jsonl", out))
-    assert summary["images_ok"] == 4 and summary["images_failed"] == 3
+    assert summary["images_ok"] == 4 and summary["images_failed"] == 4
     finalize(out)
     reasons = {Path(r["path"]).name: r["reason"] for r in map(json.loads, (out / "report.jsonl").read_text().splitlines())}
-    assert sorted(reasons) == ["bomb.png", "strip.png", "truncated.jpg"]
+    assert sorted(reasons) == ["a\x00b.jpg", "bomb.png", "strip.png", "truncated.jpg"]
+    assert reasons["a\x00b.jpg"].startswith("unreadable:") and "ValueError" in reasons["a\x00b.jpg"]
     assert reasons["strip.png"].startswith("extreme aspect ratio:")
     assert reasons["bomb.png"].startswith("too large:")
     assert reasons["truncated.jpg"].startswith("truncated:")

@@ -113,11 +113,10 @@ def to_rgb(img: Image.Image, source: str = "<image>") -> Image.Image:
     elif mode == "F":
         raise UnreadableImage(f"unsupported: {source}: floating-point image (mode F; no 8-bit scale is "
                               f"implied); convert it to 8-bit RGB first")
+    elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:   # incl. a tRNS colour key
+        rgb = _over_background(img.convert("RGBA"))
     elif mode == "RGB":
         rgb = img
-    elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info) or \
-            (mode in ("L", "RGB", "1") and "transparency" in img.info):
-        rgb = _over_background(img.convert("RGBA"))
     else:   # L, 1, P, CMYK, YCbCr, HSV, LAB, ...
         try:
             rgb = img.convert("RGB")

@@ -139,12 +139,13 @@ def read_exclusions(path: str | Path) -> set[str]:
             out.update(str(row[k]) for k in ("key", "path") if row.get(k))
         else:
             out.add(line)
-    return out
+    return out | {os.path.abspath(x) for x in out if os.sep in x}   # a path given relative to the cwd
 
 
 def _excluded(entry: dict, exclusions: set[str]) -> bool:
-    return (entry["key"] in exclusions or entry["path"] in exclusions
-            or str(Path(entry["path"]).resolve()) in exclusions)
+    # abspath, not resolve(): string operations only (no syscalls per image, no error on odd paths)
+    return bool(exclusions) and (entry["key"] in exclusions or entry["path"] in exclusions
+                                 or os.path.abspath(entry["path"]) in exclusions)
 
 
 def _file_sha1(path: Path) -> str:
