@@ -27,8 +27,8 @@ thread's decoding), and ``{"end": REASON}`` when an attempt stops with a Python 
 e.g. SLURM's preemption or time limit, is turned into one). An attempt with no end line died; its
 suspects are the image it had started and any it was decoding. A re-run of such a shard decodes in the
 main thread (so a second death names exactly one image), and an image suspected in ``--poison-after``
-(2) dead attempts is skipped with reason "poison" and named in the report. The record is deleted with
-the marker's arrival. ``finalize`` checks every shard is done,
+(2) dead attempts is skipped with reason "poison" and named in the report. The record is deleted once
+the shard's marker is written. ``finalize`` checks every shard is done,
 prepares the Energon ``CrudeWebdataset`` metadata of pix/depth/seg (and und, from the ingestion),
 writes ``DIR/report.jsonl`` (ingestion + target failures, with reasons) and ``DIR/summary.json``.
 ``DIR`` is then a ``data.root`` for the trainer (unimrg.data.loaders reads ``DIR/<task>``).
