@@ -133,7 +133,8 @@ class Engine:
             # parameter that micro-step 0 does not use (round-robin: the generation modules when the
             # und batch comes first) thus adds its first gradient to the previous step's partition, and
             # one unused for a whole window gets the previous step's gradient again. Zeroing here makes
-            # DeepSpeed's copy and add agree; ZeRO-1/2 zero their buffers themselves.
+            # DeepSpeed's copy and add agree; ZeRO-1/2 zero their buffers themselves. (micro_step_id is
+            # bumped at the next forward, so it is still 0 during micro-step 0's backward.)
             self.ds.optimizer.grad_partitions_flat_buffer.zero_()
         self.ds.backward(loss)
 
