@@ -49,3 +49,22 @@ def test_bring_up_is_idempotent(slurm_cluster):
     assert r.returncode == 0, r.stdout + r.stderr
     assert {p.name: p.read_text() for p in (slurm_cluster.state_dir / "run").glob("*.pid")} == pids
     assert "slurmctld + 2 slurmd up" in r.stdout
+
+
+def test_a_concurrent_sessions_cluster_runs_beside_and_stops_alone(slurm_cluster, another_slurm_cluster):
+    # two test runs on one machine: each cluster has its own ports, job ids (→ MASTER_PORTs) and
+    # /etc/hosts line, and stopping one leaves the other's nodes resolvable
+    other = another_slurm_cluster
+    assert other.port != slurm_cluster.port and other.first_job_id != slurm_cluster.first_job_id
+    ids = [c.run("sbatch", "--parsable", "-N1", "-t", "1", "--wrap", "true").stdout.strip()
+           for c in (slurm_cluster, other)]
+    assert int(ids[0]) < other.first_job_id <= int(ids[1]), ids
+    assert slurm_cluster.wait(ids[0], timeout=60)["JobState"] == other.wait(ids[1], timeout=60)["JobState"] == "COMPLETED"
+    hosts = Path("/etc/hosts").read_text()
+    assert f"# unimrg-slurm {slurm_cluster.state_dir}" in hosts and f"# unimrg-slurm {other.state_dir}" in hosts
+    r = subprocess.run(["bash", str(REPO / "tests" / "slurm_cluster" / "stop.sh")], capture_output=True,
+                       text=True, timeout=120, env=other.env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    hosts = Path("/etc/hosts").read_text()
+    assert f"# unimrg-slurm {other.state_dir}" not in hosts and f"# unimrg-slurm {slurm_cluster.state_dir}" in hosts
+    test_two_nodes_run_one_task_each_and_resolve(slurm_cluster)

@@ -3,9 +3,10 @@
 #
 # Stops what tests/slurm_cluster/start.sh started: cancels jobs, then stops each daemon by the pid in
 # its pidfile (never by process name: other SLURMs or MariaDBs on this host are left alone), and
-# removes the tagged /etc/hosts line. Idempotent. --purge (or UNIMRG_SLURM_PURGE=1) also deletes the
-# state (job state, accounting DB, logs) so that the next start is a fresh cluster; the munge key and
-# the MariaDB system tables are kept unless the whole $UNIMRG_SLURM_DIR is removed.
+# removes this cluster's /etc/hosts line (tagged with its directory; other clusters' lines stay).
+# Idempotent. --purge (or UNIMRG_SLURM_PURGE=1) also deletes the state (job state, accounting DB,
+# logs) so that the next start is a fresh cluster; the munge key and the MariaDB system tables are kept
+# unless the whole $UNIMRG_SLURM_DIR is removed.
 set -uo pipefail
 P=${UNIMRG_SLURM_DIR:-/tmp/unimrg-slurm}
 PURGE=${UNIMRG_SLURM_PURGE:-0}; [ "${1:-}" = --purge ] && PURGE=1
@@ -34,8 +35,14 @@ for f in "$P"/run/slurmd-*.pid; do [ -e "$f" ] && stop_pid "$f" slurmd & done
 stop_pid "$P/run/slurmctld.pid" slurmctld & wait
 stop_pid "$P/run/slurmdbd.pid" slurmdbd
 stop_pid "$P/mysqlrun/mysqld.pid" mariadbd & stop_pid "$P/run/munged.pid" munged & wait
-if grep -q '# unimrg-slurm$' /etc/hosts 2>/dev/null; then
-  grep -v '# unimrg-slurm$' /etc/hosts > "$P/hosts.tmp"; cat "$P/hosts.tmp" > /etc/hosts; rm -f "$P/hosts.tmp"
+# only this cluster's line (start.sh tags it with $P): other clusters on this host keep their nodes
+hosts_tag="# unimrg-slurm $P"
+if grep -qF -- "$hosts_tag" /etc/hosts 2>/dev/null; then
+  (
+    flock -w 60 9 || { echo "[slurm_cluster] timed out waiting for /tmp/unimrg-slurm-hosts.lock" >&2; exit 1; }
+    awk -v tag="$hosts_tag" 'substr($0, length($0) - length(tag) + 1) != tag' /etc/hosts > "$P/hosts.tmp" \
+      && cat "$P/hosts.tmp" > /etc/hosts; rm -f "$P/hosts.tmp"
+  ) 9>/tmp/unimrg-slurm-hosts.lock
 fi
 if [ "$PURGE" = 1 ]; then
   rm -rf "$P/spool" "$P/log" "$P/run" "$P/etc" "$P/mysql" "$P/mysqlrun"
