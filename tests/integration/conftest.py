@@ -5,9 +5,9 @@
 ``slurm_cluster`` (session scope) runs tests/slurm_cluster/start.sh — munged, MariaDB + slurmdbd,
 slurmctld and two slurmd nodes n1, n2 on loopback — and stops it at the end. Each pytest session gets
 its own cluster: a private state dir /tmp/unimrg-slurm-session-*, its own port block and job-id range
-(a "slot", held by a lock for the session) and its own /etc/hosts line, so concurrent test runs on
-one machine do not wait for or disturb each other; state dirs of sessions that were killed are
-stopped and removed by the next session. UNIMRG_SLURM_DIR=DIR uses (and reuses) a cluster in DIR
+(a "slot", held by a lock for the session; the n1/n2 /etc/hosts line is shared, see start.sh), so
+concurrent test runs on one machine do not wait for or disturb each other; clusters of sessions that
+were killed are stopped and removed by the next session. UNIMRG_SLURM_DIR=DIR uses (and reuses) a cluster in DIR
 instead, kept up for the next session with UNIMRG_SLURM_KEEP=1; a session that finds DIR in use by
 another falls back to a private cluster.
 
