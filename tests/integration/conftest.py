@@ -121,6 +121,8 @@ def _try_lock(path: Path):
 def _ports_free(base: int, nodes: int) -> bool:
     for port in (base, base + 2, base + 3, *range(base + 10, base + 10 + nodes)):
         with socket.socket() as s:
+            # as the daemons do: a port whose last connections linger in TIME_WAIT is free for them
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("", port))
             except OSError:
