@@ -95,8 +95,9 @@ def _slurmctld_running(state_dir: Path) -> bool:
 
 # Concurrent clusters on one host, one per "slot": slot k serves on ports PORT0 + k*SLOT_PORTS ..
 # (slurmctld, slurmdbd, MariaDB, one slurmd per node; above Linux's ephemeral range 32768-60999 and
-# every MASTER_PORT) and numbers jobs from 1 + k*JOBS_PER_SLOT, because a job's rendezvous port is
+# every MASTER_PORT) and numbers jobs from (k+1)*JOBS_PER_SLOT + 1, because a job's rendezvous port is
 # 10000 + job id % 50000 (launch/slurm.py): equal job ids on two clusters would share a MASTER_PORT.
+# (Ids 1-1000 stay for a cluster started by hand with start.sh's defaults.)
 SLOTS, PORT0, SLOT_PORTS, JOBS_PER_SLOT = 16, 61000, 20, 1000
 LOCKS = Path("/tmp/unimrg-slurm-locks")
 SESSION_PREFIX = "unimrg-slurm-session-"
@@ -146,6 +147,11 @@ def _claim_slot(nodes: int, preferred: int | None = None, running: bool = False)
                 f"{PORT0}-{PORT0 + SLOTS * SLOT_PORTS - 1} are taken", pytrace=False)
 
 
+def _slot_cluster(state_dir: Path, slot: int, nodes: int) -> SlurmCluster:
+    return SlurmCluster(state_dir, port=PORT0 + slot * SLOT_PORTS, first_job_id=(slot + 1) * JOBS_PER_SLOT + 1,
+                        nodes=[f"n{i}" for i in range(1, nodes + 1)])
+
+
 def _stop(state_dir: Path, purge: bool) -> None:
     subprocess.run(["bash", str(CLUSTER_SCRIPTS / "stop.sh"), *(["--purge"] if purge else [])],
                    capture_output=True, timeout=120, env={**os.environ, "UNIMRG_SLURM_DIR": str(state_dir)})
@@ -154,7 +160,7 @@ def _stop(state_dir: Path, purge: bool) -> None:
 def _reap_orphans() -> None:
     """Stop and remove the private clusters of sessions that died without tearing down (their lock is
     free: flocks die with their process)."""
-    for lock_path in Path(tempfile.gettempdir()).glob(f"{SESSION_PREFIX}*.lock"):
+    for lock_path in Path("/tmp").glob(f"{SESSION_PREFIX}*.lock"):
         lock = _try_lock(lock_path)
         if lock is None:
             continue                                    # its session is alive
@@ -169,7 +175,8 @@ def _reap_orphans() -> None:
 def _private_state_dir():
     """A fresh /tmp/unimrg-slurm-session-XXXX and the lock that marks it as in use (taken before the
     directory exists, so that _reap_orphans of a concurrent session never sees it unlocked)."""
-    fd, lock_name = tempfile.mkstemp(prefix=SESSION_PREFIX, suffix=".lock")
+    # in /tmp, not $TMPDIR: the munge and MariaDB sockets inside must stay under the 108-byte path limit
+    fd, lock_name = tempfile.mkstemp(prefix=SESSION_PREFIX, suffix=".lock", dir="/tmp")
     os.close(fd)
     lock = _try_lock(Path(lock_name))
     state_dir = Path(lock_name).with_suffix("")
@@ -234,12 +241,11 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         except (OSError, ValueError):
             preferred = None
     slot, slot_lock = _claim_slot(nodes, preferred, was_running)
-    cluster = SlurmCluster(state_dir, port=PORT0 + slot * SLOT_PORTS, first_job_id=1 + slot * JOBS_PER_SLOT,
-                           nodes=[f"n{i}" for i in range(1, nodes + 1)])
-    problem = _start(cluster)
-    if not private:
-        (state_dir / "slot").write_text(str(slot))
+    cluster = _slot_cluster(state_dir, slot, nodes)
     try:
+        problem = _start(cluster)
+        if not private:
+            (state_dir / "slot").write_text(str(slot))
         if problem:
             if os.environ.get("UNIMRG_SLURM_SKIP_UNAVAILABLE") == "1" and not required:
                 lines = [ln for ln in problem.splitlines() if ln.strip()]
@@ -264,7 +270,7 @@ def another_slurm_cluster(slurm_cluster) -> Iterator[SlurmCluster]:
     session on this machine would bring up its own; stopped and removed afterwards."""
     state_dir, dir_lock = _private_state_dir()
     slot, slot_lock = _claim_slot(len(slurm_cluster.nodes))
-    cluster = SlurmCluster(state_dir, port=PORT0 + slot * SLOT_PORTS, first_job_id=1 + slot * JOBS_PER_SLOT)
+    cluster = _slot_cluster(state_dir, slot, len(slurm_cluster.nodes))
     try:
         problem = _start(cluster)
         assert problem is None, problem
