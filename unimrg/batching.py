@@ -110,7 +110,8 @@ class BatchPlan:
             spans = ", ".join(f"{'+'.join(self.group_tasks(g))}: ranks {g * self.group_size}–"
                               f"{(g + 1) * self.group_size - 1}" for g in range(self.groups))
             placement = (f"task-parallel, {self.groups} groups × {self.group_size} ranks ({spans}); each "
-                         f"micro-step holds one task's batch per rank; ZeRO-1, gradients reduced once per step")
+                         f"micro-step holds one task's batch per rank; runs as ZeRO-1 without overlap whatever "
+                         f"the ZeRO JSON says (gradients reduced once per step; a full gradient buffer per GPU)")
         elif self.schedule == "joint":
             placement = "replicated joint: every micro-step holds every task on every rank"
         else:

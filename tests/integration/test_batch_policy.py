@@ -14,14 +14,37 @@ import json
 
 import pytest
 
+from launch.submit import main as submit_main
 from tests.integration.test_train_openuni import metrics, train
-
-pytestmark = pytest.mark.slow
 
 COMMON = ["objective.tasks=[und,pix]", "train.micro_batch_per_task=1", "train.grad_accum=4", "train.steps=4",
           "train.export_final=false", "train.checkpoint_every=100", "run.tensorboard=false"]
 
 
+@pytest.mark.parametrize("model,batch,placement", [("openuni", 128, "task-parallel, 4 groups × 16 ranks"),
+                                                   ("harmon", 512, "replicated round-robin"),
+                                                   ("showo", 320, "task-parallel, 4 groups × 16 ranks")])
+def test_dry_run_of_each_paper_recipe_on_8x8_gpus_prints_the_plan(tmp_path, scene_root, model, batch, placement,
+                                                                  capsys):
+    # In-process (the same main() as the command line): a subprocess would spend its time importing.
+    code = submit_main(["--model", model, "--recipe", "paper", "--nodes", "8", "--gpus-per-node", "8", "--dry-run",
+                        "--run-dir", str(tmp_path / "run"), f"data.root={scene_root}"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    assert "on 64 GPUs (recipe written for 8)" in out and placement in out
+    assert f"(global batch {batch}, fixed_global)" in out and "micro-steps" in out and "effective lr" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_of_an_impossible_count_says_what_to_change(tmp_path, scene_root, capsys):
+    code = submit_main(["--model", "openuni", "--recipe", "und_pix_depth", "--nodes", "8", "--gpus-per-node", "8",
+                        "--dry-run", f"data.root={scene_root}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "GPU counts that keep it: [" in err and "train.batch_policy=fixed_per_gpu" in err
+
+
+@pytest.mark.slow
 def test_task_parallel_world_2_trains_like_round_robin_world_1(tmp_path, scene_root):
     ref, tp = tmp_path / "round_robin_ws1", tmp_path / "task_parallel_ws2"
     train(ref, scene_root, "--cpu-ranks-per-node", "1", *COMMON)
