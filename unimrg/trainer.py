@@ -224,7 +224,7 @@ class Trainer:
                 # ZeRO-1 reduces, at the boundary, every parameter that has a gradient, in order:
                 # every rank must hold one for every trainable parameter, including those its tasks
                 # never touch (zero), or the ranks' reduction buckets would differ.
-                loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in self.trainable)
+                loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in self.trainable if p.numel())
             self.engine.backward(loss)
             self.engine.step()
             for b in batches:
