@@ -119,3 +119,13 @@ def test_bad_policy_values_are_named():
         batch_arithmetic(paper("openuni", "train.batch_policy=fixed"), 8)
     with pytest.raises(ConfigError, match=r"train.global_batch_size=100 .*train.reference_gpus = 128"):
         batch_arithmetic(paper("openuni", "train.global_batch_size=100"), 8)
+
+
+def test_task_parallel_plan_runs_the_zero2_json_as_zero1_without_overlap():
+    from unimrg.engine import resolve_ds_config
+    cfg = paper("openuni")
+    ds = resolve_ds_config(cfg, stage_plan(cfg, 0, 64))
+    zo = ds["zero_optimization"]
+    assert (zo["stage"], zo["overlap_comm"]) == (1, False)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 1, 128)
+    assert resolve_ds_config(cfg, stage_plan(cfg, 0, 8))["zero_optimization"]["stage"] == 2   # replicated: as written
