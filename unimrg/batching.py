@@ -161,8 +161,8 @@ def _fixed_global(batch: int, n: int, joint: bool, micro: int, dp: int, placemen
         if got:
             return ("replicated", 1, *got)
         if placement == "replicated":
-            return (f"{per_rank} samples per rank cannot be {'micro-steps of all tasks' if joint else 'whole rounds of the tasks'}"
-                    f" with a micro-batch ≤ {micro} per task")
+            unit = "micro-steps of all tasks" if joint else "whole rounds of the tasks"
+            return f"{per_rank} samples per rank cannot be {unit} with a micro-batch ≤ {micro} per task"
     got = _task_parallel(per_rank, n, dp, micro * (n if joint else 1))
     if not got:
         return (f"no task-parallel split either (needs a task-group count dividing both the {n} tasks "

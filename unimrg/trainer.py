@@ -252,7 +252,8 @@ class Trainer:
         skipped = self.loaders.skipped()
         print(json.dumps({"step": self.step, "stage": self.stage + 1, "losses": losses, "total": sum(
             self.cfg.objective.weights[t] * losses[t] for t in losses), "samples": counts,
-            "global_losses": mean, "global_samples": global_counts, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}),
+            "global_losses": mean, "global_samples": global_counts, "lr": lr, "grad_norm": grad_norm,
+            "skipped": skipped}),
             file=self.metrics, flush=True)
         if self.rank != 0:
             return
