@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from unimrg.config import ConfigError, load_config, recipe_path, to_yaml, validate  # noqa: E402
+from unimrg.config import ConfigError, load_config, plan_report, recipe_path, to_yaml, validate  # noqa: E402
 from unimrg.data.loaders import check_data_paths, ensure_scene_data  # noqa: E402
 from unimrg.models import registry  # noqa: E402
 
@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"submit.py: error: {e}", file=sys.stderr)
         return 2
     print(f"{cfg.model.name} ({cfg.model.size}) {plan.describe(cfg.objective.tasks)}")
+    if args.dry_run:   # the batch plan for this GPU count, stage by stage
+        print("\n".join(plan_report(cfg, dp_size)))
     if args.dry_run:
         print("dry run: config, batch arithmetic and paths are valid; nothing started")
         return 0

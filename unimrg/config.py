@@ -11,15 +11,17 @@ micro-batch, accumulation and data-parallel size are turned into DeepSpeed's bat
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from unimrg.batching import BATCH_POLICIES, LR_SCALINGS, PLACEMENTS, BatchPlan, PlanError, plan_batch
 from unimrg.data.loaders import DataConfig
 from unimrg.models import registry
 from unimrg.models.base import ModelConfig
 from unimrg.objective import ObjectiveConfig
+from unimrg.tasks import TASKS
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "launch" / "recipes"
@@ -34,6 +36,8 @@ class OptimConfig:
     warmup_fraction: float = 0.01   # linear warm-up over this fraction of train.steps, then cosine
     min_lr_ratio: float = 0.0       # cosine floor, as a fraction of lr
     grad_clip: float = 1.0
+    # train.batch_policy=fixed_per_gpu: lr × (GPUs / train.reference_gpus) (linear) or its square root
+    lr_scaling: str = "none"        # none | linear | sqrt
 
 
 @dataclass
@@ -53,6 +57,12 @@ class TrainConfig:
     micro_batch_per_task: int = 4     # samples of one task in one micro-batch on one rank
     grad_accum: int = 4               # micro-steps per optimizer step
     global_batch_size: int = 0        # optional check: samples per optimizer step over all ranks (0 = derive)
+    # Scale-out (unimrg/batching.py): fixed_global keeps the recipe's global batch on any GPU count
+    # that allows it (task-parallel placement when round-robin would overshoot); fixed_per_gpu keeps
+    # micro-batch × accumulation per GPU (global batch grows, optim.lr_scaling applies).
+    batch_policy: str = "fixed_per_gpu"
+    reference_gpus: int = 0           # GPUs the recipe's micro-batch × accumulation were written for
+    placement: str = "auto"           # auto | replicated | task_parallel (fixed_global only)
     precision: str = "bf16"           # "bf16" | "fp32" (fp16 is not supported: the paper's models run bf16)
     zero_stage: int = 2               # 1 | 2 | 3 (1: gradients reduced once per step, not per micro-step)
     ds_config: str = ""               # ZeRO JSON; "" = ds_configs/zero{zero_stage}.json
@@ -148,30 +158,13 @@ def load_resolved(path: str | Path) -> Config:
         raise ConfigError(f"{path}: {e}") from None
 
 
-@dataclass
-class BatchPlan:
-    """DeepSpeed's batch fields and what they mean per task, derived in one place."""
-
-    micro_batch: int            # train_micro_batch_size_per_gpu: samples in one micro-step on one rank
-    grad_accum: int             # gradient_accumulation_steps
-    dp_size: int                # data-parallel ranks
-    train_batch_size: int       # micro_batch × grad_accum × dp_size
-    per_task_per_step: int      # samples of each enabled task per optimizer step on one rank
-
-    def describe(self, tasks: list[str]) -> str:
-        return (f"{self.per_task_per_step} per task × {len(tasks)} tasks × {self.dp_size} ranks = "
-                f"{self.train_batch_size} samples per optimizer step "
-                f"(micro-batch {self.micro_batch}, accumulation {self.grad_accum})")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 def batch_arithmetic(cfg: Config, dp_size: int) -> BatchPlan:
-    """Check the batch fields against each other and the schedule; raise naming the fields."""
+    """Check the batch fields against each other, the schedule and the batch policy, and lay the batch
+    out over ``dp_size`` ranks (unimrg/batching.py); raise naming the fields and what to change."""
     t, o = cfg.train, cfg.objective
     o.validate()
-    n = len(o.tasks)
+    tasks = [x for x in TASKS if x in o.tasks]   # the canonical (round-robin) order
+    n = len(tasks)
     problems = []
     if t.micro_batch_per_task < 1:
         problems.append(f"train.micro_batch_per_task={t.micro_batch_per_task} must be ≥ 1")
@@ -184,17 +177,42 @@ def batch_arithmetic(cfg: Config, dp_size: int) -> BatchPlan:
                         f"{o.tasks} under objective.schedule=round_robin (one task per micro-step, every "
                         f"task in every optimizer step); use {n * max(1, round(t.grad_accum / n))} or "
                         "objective.schedule=joint")
+    for name, value, allowed in (("train.batch_policy", t.batch_policy, BATCH_POLICIES),
+                                 ("train.placement", t.placement, PLACEMENTS),
+                                 ("optim.lr_scaling", cfg.optim.lr_scaling, LR_SCALINGS)):
+        if value not in allowed:
+            problems.append(f"{name}={value!r}: choose one of {list(allowed)}")
+    if t.reference_gpus < 0:
+        problems.append(f"train.reference_gpus={t.reference_gpus} must be ≥ 0 (0 = no reference)")
+    ref = t.micro_batch_per_task * t.grad_accum * t.reference_gpus * (n if o.schedule == "joint" else 1)
+    if t.reference_gpus and t.global_batch_size and t.global_batch_size != ref:
+        problems.append(f"train.global_batch_size={t.global_batch_size} but train.micro_batch_per_task × "
+                        f"train.grad_accum{' × tasks (joint)' if o.schedule == 'joint' else ''} × "
+                        f"train.reference_gpus = {ref}")
     if problems:
         raise ConfigError("impossible batch arithmetic: " + "; ".join(problems))
-    micro = t.micro_batch_per_task * (n if o.schedule == "joint" else 1)
-    per_task = t.micro_batch_per_task * t.grad_accum // (1 if o.schedule == "joint" else n)
-    plan = BatchPlan(micro, t.grad_accum, dp_size, micro * t.grad_accum * dp_size, per_task)
-    if t.global_batch_size and t.global_batch_size != plan.train_batch_size:
-        raise ConfigError(
-            f"impossible batch arithmetic: train.global_batch_size={t.global_batch_size} but "
-            f"train.micro_batch_per_task × train.grad_accum × data-parallel size"
-            f"{' × tasks (joint)' if o.schedule == 'joint' else ''} = {plan.describe(o.tasks)}")
-    return plan
+    try:
+        return plan_batch(tasks=tasks, schedule=o.schedule, micro_per_task=t.micro_batch_per_task,
+                          grad_accum=t.grad_accum, dp_size=dp_size, policy=t.batch_policy,
+                          reference_gpus=t.reference_gpus, global_batch=t.global_batch_size,
+                          placement=t.placement, zero_stage=t.zero_stage, lr=cfg.optim.lr,
+                          lr_scaling=cfg.optim.lr_scaling)
+    except PlanError as e:
+        raise ConfigError(f"impossible batch arithmetic: {e}") from None
+
+
+def plan_report(cfg: Config, dp_size: int) -> list[str]:
+    """What the dry run prints: per stage, placement, per-task samples, micro-steps, effective lr."""
+    stages = stage_plans(cfg)
+    lines = []
+    for i, (_, _, s) in enumerate(stages):
+        sc = stage_config(cfg, s)
+        plan = batch_arithmetic(sc, dp_size)
+        lines.append(f"stage {i + 1}/{len(stages)} {sc.objective.tasks} on {dp_size} GPUs"
+                     + (f" (recipe written for {cfg.train.reference_gpus})" if cfg.train.reference_gpus else "")
+                     + ":")
+        lines += [f"  {line}" for line in plan.report()]
+    return lines
 
 
 def stage_plans(cfg: Config) -> list[tuple[int, int, StageConfig]]:

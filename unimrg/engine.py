@@ -76,6 +76,10 @@ def resolve_ds_config(cfg: Config, plan: BatchPlan) -> dict:
         raise ConfigError(f"{path} has zero_optimization.stage={stage} but train.zero_stage="
                           f"{cfg.train.zero_stage}; make them agree")
     ds = fill_batch_fields(ds, plan)
+    if plan.placement == "task_parallel":
+        # Ranks run different tasks in one micro-step: only ZeRO-1 without overlap reduces gradients
+        # in the same (parameter) order on every rank, once per step (unimrg/batching.py).
+        ds["zero_optimization"] = {**ds["zero_optimization"], "stage": 1, "overlap_comm": False}
     ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
     ds.pop("fp16", None)
     ds["gradient_clipping"] = cfg.optim.grad_clip

@@ -9,6 +9,7 @@ Logs per-task losses to TensorBoard and RUN/metrics/rank{r}.jsonl, checkpoints a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -30,6 +31,7 @@ from unimrg.config import Config, batch_arithmetic, stage_config, stage_plans, t
 from unimrg.data.loaders import TaskLoaders
 from unimrg.models.registry import build_model
 from unimrg.objective import Objective
+from unimrg.tasks import TASKS
 
 COMPLETE = "COMPLETE"   # written into a checkpoint folder once every rank's state is on disk
 PREEMPTED_EXIT_CODE = 3  # a run that checkpointed on a signal and wants to be requeued
@@ -62,6 +64,52 @@ def find_checkpoint(ckpt_dir: Path, resume: str) -> Path | None:
         return ckpt_dir / latest.read_text().strip()
     complete = sorted(p for p in ckpt_dir.glob("step_*") if (p / COMPLETE).exists())
     return complete[-1] if complete else None
+
+
+class TaskStreams:
+    """One random stream per task (torch CPU and accelerator RNG: noise, timesteps, masks; the prompt
+    RNG), seeded by the task and the rank's place among the ranks running it. What a task draws thus
+    does not depend on which other tasks share the rank, so a task-parallel run draws, per task, what
+    the round-robin run over the same data shards draws (tests/integration/test_batch_policy.py)."""
+
+    def __init__(self, seed: int, group_rank: int, objective: Objective):
+        self.base, self.objective = seed + 1000 * (group_rank + 1), objective
+        self.devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        self.states: dict[str, dict] = {}
+
+    def _new(self, key: str) -> dict:
+        mask = sum(1 << TASKS.index(t) for t in key.split("+"))   # joint micro-steps: one stream
+        seed = self.base * 32 + mask
+        with torch.random.fork_rng(devices=self.devices):
+            torch.manual_seed(seed)
+            return {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if self.devices else None,
+                    "python": random.Random(seed).getstate()}
+
+    @contextlib.contextmanager
+    def __call__(self, tasks: list[str]):
+        key = "+".join(tasks)
+        st = self.states.get(key) or self._new(key)
+        saved_rng = self.objective.rng
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(st["torch"])
+            if self.devices:
+                torch.cuda.set_rng_state(st["cuda"])
+            self.objective.rng = random.Random()
+            self.objective.rng.setstate(st["python"])
+            try:
+                yield
+            finally:
+                self.states[key] = {"torch": torch.get_rng_state(),
+                                    "cuda": torch.cuda.get_rng_state() if self.devices else None,
+                                    "python": self.objective.rng.getstate()}
+                self.objective.rng = saved_rng
+
+    def state_dict(self) -> dict:
+        return dict(self.states)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.states = dict(state)
 
 
 class Trainer:
@@ -100,14 +148,20 @@ class Trainer:
             model.load_state_dict(torch.load(self.stage_export(state["stage"]), mmap=True, weights_only=True))
         self.seed_rank(cfg.train.seed + 1000 * (self.rank + 1))
 
-        optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.optim.weight_decay), lr=cfg.optim.lr,
+        # plan.lr: optim.lr, scaled by optim.lr_scaling under train.batch_policy=fixed_per_gpu.
+        optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.optim.weight_decay), lr=self.plan.lr,
                                       betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         self.ds_config = eng.resolve_ds_config(cfg, self.plan)
         self.engine = eng.Engine(model, self.ds_config, optimizer,
                                  lr_lambda(cfg, self.stage_end - self.stage_start))
         self.objective = Objective(cfg.objective, seed=cfg.train.seed + self.rank)
-        self.loaders = TaskLoaders(cfg.data, self.objective.tasks, cfg.train.micro_batch_per_task,
-                                   cfg.model.image_size, self.rank, self.world, cfg.train.seed)
+        # Each task's data is sharded over the ranks that run it (all ranks unless task-parallel).
+        self.my_tasks = self.plan.rank_tasks(self.rank)
+        group_rank, group_size = self.plan.rank_in_group(self.rank), self.plan.group_size
+        self.loaders = TaskLoaders(cfg.data, self.my_tasks, self.plan.micro_per_task,
+                                   cfg.model.image_size, group_rank, group_size, cfg.train.seed)
+        self.streams = TaskStreams(cfg.train.seed, group_rank, self.objective)
+        self.trainable = [p for p in self.engine.module.parameters() if p.requires_grad]
         self.step = 0
         self.samples_seen = defaultdict(int)   # per task, this rank
         self.writer = None
@@ -161,10 +215,17 @@ class Trainer:
     def train_step(self) -> tuple[dict[str, float], dict[str, int]]:
         sums, n_micro, counts = defaultdict(float), defaultdict(int), defaultdict(int)
         for micro in range(self.plan.grad_accum):
-            batches = [self.objective.add_prompts(self.loaders.next(t))
-                       for t in self.objective.micro_step_tasks(micro)]
-            task_losses = self.engine(batches)
-            self.engine.backward(self.objective.total(task_losses))
+            tasks = self.plan.micro_step_tasks(self.rank, micro)
+            with self.streams(tasks):
+                batches = [self.objective.add_prompts(self.loaders.next(t)) for t in tasks]
+                task_losses = self.engine(batches)
+            loss = self.objective.total(task_losses) * self.plan.loss_scale
+            if self.plan.placement == "task_parallel" and micro == self.plan.grad_accum - 1:
+                # ZeRO-1 reduces, at the boundary, every parameter that has a gradient, in order:
+                # every rank must hold one for every trainable parameter, including those its tasks
+                # never touch (zero), or the ranks' reduction buckets would differ.
+                loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in self.trainable if p.numel())
+            self.engine.backward(loss)
             self.engine.step()
             for b in batches:
                 counts[b.task] += len(b)
@@ -176,24 +237,30 @@ class Trainer:
 
     # ---- logging -------------------------------------------------------------------------------
     def log(self, losses, counts, dt, t_start, step_start, last) -> None:
+        # Per task: loss sum, ranks that ran it, samples this step, samples so far (task-parallel
+        # ranks run only their group's tasks).
         tasks = self.objective.tasks
-        local = torch.tensor([losses[t] for t in tasks], dtype=torch.float64)
+        local = torch.tensor([[losses.get(t, 0.0), float(t in losses), counts.get(t, 0), self.samples_seen[t]]
+                              for t in tasks], dtype=torch.float64)
         dist.all_reduce(local)
-        mean = {t: v / self.world for t, v in zip(tasks, local.tolist())}
+        mean = {t: row[0] / max(row[1], 1.0) for t, row in zip(tasks, local.tolist())}
+        global_counts = {t: int(row[2]) for t, row in zip(tasks, local.tolist())}
+        global_seen = {t: int(row[3]) for t, row in zip(tasks, local.tolist())}
         total = sum(self.cfg.objective.weights[t] * mean[t] for t in tasks)
         grad_norm, lr = self.engine.grad_norm(), self.engine.lr()
         samples_s = self.plan.train_batch_size / max(dt, 1e-9)
         skipped = self.loaders.skipped()
         print(json.dumps({"step": self.step, "stage": self.stage + 1, "losses": losses, "total": sum(
-            self.cfg.objective.weights[t] * losses[t] for t in tasks), "samples": counts,
-            "global_losses": mean, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}),
+            self.cfg.objective.weights[t] * losses[t] for t in losses), "samples": counts,
+            "global_losses": mean, "global_samples": global_counts, "lr": lr, "grad_norm": grad_norm,
+            "skipped": skipped}),
             file=self.metrics, flush=True)
         if self.rank != 0:
             return
         if self.writer is not None:
             for t in tasks:
                 self.writer.add_scalar(f"loss/{t}", mean[t], self.step)
-                self.writer.add_scalar(f"samples_seen/{t}", self.samples_seen[t] * self.world, self.step)
+                self.writer.add_scalar(f"samples_seen/{t}", global_seen[t], self.step)
                 self.writer.add_scalar(f"data/skipped/{t}", skipped.get(t, 0), self.step)
             self.writer.add_scalar("loss/total", total, self.step)
             self.writer.add_scalar("lr", lr, self.step)
@@ -218,6 +285,7 @@ class Trainer:
         self.engine.save(self.ckpt_dir, tag, client_state={"step": self.step, "stage": self.stage})
         torch.save({"step": self.step, "stage": self.stage, "loaders": self.loaders.state_dict(),
                     "objective": self.objective.state_dict(), "samples_seen": dict(self.samples_seen),
+                    "task_rng": self.streams.state_dict(),
                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                             "numpy": np.random.get_state()}},
                    folder / f"unimrg_rank{self.rank}.pt")
@@ -247,6 +315,8 @@ class Trainer:
         self.step = state["step"]
         self.loaders.load_state_dict(state["loaders"])
         self.objective.load_state_dict(state["objective"])
+        if "task_rng" in state:
+            self.streams.load_state_dict(state["task_rng"])
         self.samples_seen.update(state["samples_seen"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])

@@ -26,8 +26,9 @@ def test_paper_recipe_batch_arithmetic():
     assert [(s.steps, s.tasks, s.freeze) for s in cfg.train.stages] == [(2000, [], []), (2000, ["pix"], ["understanding"])]
 
 
-def test_paper_recipe_on_wrong_gpu_count_names_the_fields():
-    cfg = load_config(recipe_path("openuni", "paper"))
+def test_global_batch_check_without_reference_gpus_names_the_fields():
+    # (The paper recipes keep their global batch on other GPU counts: tests/unit/test_batching.py.)
+    cfg = load_config(recipe_path("openuni", "paper"), ["train.batch_policy=fixed_per_gpu", "train.reference_gpus=0"])
     with pytest.raises(ConfigError, match=r"train.global_batch_size=128.*train.micro_batch_per_task"):
         validate(cfg, dp_size=4)
 
