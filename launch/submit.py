@@ -14,7 +14,6 @@ resume may still change, and how they are recorded).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -70,7 +70,7 @@ def test_memory_estimate_against_gpu_mem_gb(capsys, scene_root):
     assert code == 0 and "memory: model states" in out and "under ZeRO-2 on 8 GPU(s)" in out
 
 
-def test_memory_estimate_is_deepspeeds(monkeypatch):
+def test_memory_estimate_is_deepspeeds():
     """unimrg.memory (no DeepSpeed import at dry run) gives DeepSpeed's own estimator numbers."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
