@@ -98,3 +98,21 @@ def test_train_accepts_the_deepspeed_launchers_local_rank():
     assert train_args(["--local_rank=3", "--config", "RUN/config.yaml"]).local_rank == 3
     assert train_args(["--config", "c.yaml", "--local-rank", "1"]).local_rank == 1
     assert train_args(["--config", "c.yaml"]).local_rank is None
+
+
+def test_dry_run_of_a_resume_shows_the_amendment_and_writes_nothing(capsys, run):
+    before = {p.name: p.read_text() for p in (run / "config.yaml", run / "submission.json")}
+    code, out = launch(capsys, run, "--resume", "latest", "train.steps=20", "--dry-run")
+    assert code == 0 and "from step_0000004" in out and "amended train.steps: 8 -> 20 from step 5" in out
+    assert before == {p.name: p.read_text() for p in (run / "config.yaml", run / "submission.json")}
+
+
+def test_steps_logged_after_the_resumed_checkpoint_are_set_aside(tmp_path):
+    """A launch killed after step 6 with its last checkpoint at 4: the resume re-runs 5 and 6."""
+    from unimrg.trainer import Trainer
+    path = tmp_path / "rank0.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "lr": 0.1}) + "\n" for s in range(1, 7)))
+    Trainer.set_aside_rows_after(path, 4)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    discarded = tmp_path / "rank0.jsonl.discarded"
+    assert [json.loads(line)["step"] for line in discarded.read_text().splitlines()] == [5, 6]
