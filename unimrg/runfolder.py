@@ -98,15 +98,7 @@ def resume_config(run_dir: Path, overrides: list[str], resume: str) -> tuple[Con
         cfg.train.stop_after = 0          # a previous launch's stop is not this one's
     cfg.run.resume = resume
     before, after = _flat(frozen), _flat(cfg)
-    changed = [k for k in sorted(set(before) | set(after))
-               if before.get(k) != after.get(k) and k not in PER_LAUNCH]
-    refused = [k for k in changed if k not in RESUMABLE]
-    if refused:
-        fields = "; ".join(f"{k}={after.get(k)!r} (this run has {before.get(k)!r})" for k in refused)
-        raise ConfigError(
-            f"resume of {run_dir} refused: {fields}. A resume reuses {frozen_path} exactly; only "
-            f"{', '.join(RESUMABLE)} (and train.stop_after) may change at resume. Drop the override to resume "
-            f"as the run was launched, or start a new run with a new --run-dir")
+    changed = run_changes(before, after, f"resume of {run_dir}", f"reuses {frozen_path} exactly")
     ckpt = find_checkpoint(run_dir / "checkpoints", resume)
     step = checkpoint_step(ckpt) if ckpt else 0
     if "train.steps" in changed:
@@ -121,6 +113,31 @@ def resume_config(run_dir: Path, overrides: list[str], resume: str) -> tuple[Con
                           f"({ckpt}); give a later step or leave it out to run to train.steps")
     amendments = [{"field": k, "from": before.get(k), "to": after.get(k), "after_step": step} for k in changed]
     return cfg, amendments, ckpt
+
+
+def run_changes(before: dict[str, Any] | Config, after: dict[str, Any] | Config, what: str, how: str) -> list[str]:
+    """The fields that differ (launch-scoped ones aside); ConfigError naming those a resume may not change."""
+    before = before if isinstance(before, dict) else _flat(before)
+    after = after if isinstance(after, dict) else _flat(after)
+    changed = [k for k in sorted(set(before) | set(after))
+               if before.get(k) != after.get(k) and k not in PER_LAUNCH]
+    refused = [k for k in changed if k not in RESUMABLE]
+    if refused:
+        fields = "; ".join(f"{k}={after.get(k)!r} (this run has {before.get(k)!r})" for k in refused)
+        raise ConfigError(
+            f"{what} refused: {fields}. A resume {how}; only {', '.join(RESUMABLE)} (and train.stop_after) "
+            "may change at resume. Drop the override to resume as the run was launched, or start a new run "
+            "with a new --run-dir")
+    return changed
+
+
+def check_checkpoint_config(ckpt: Path, cfg: Config) -> None:
+    """On a rank, before resuming: the config this launch has may differ from the one that wrote the
+    checkpoint (its ``config.yaml``) only in resumable fields — whoever started the ranks."""
+    saved = Path(ckpt) / "config.yaml"
+    if saved.is_file():
+        run_changes(load_resolved(saved), cfg, f"resuming {ckpt}",
+                    f"continues the run that wrote it ({saved}) with the same config")
 
 
 def refuse_fresh_launch(run_dir: Path) -> None:

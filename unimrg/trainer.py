@@ -30,7 +30,7 @@ from unimrg.config import Config, batch_arithmetic, stage_config, stage_plans, t
 from unimrg.data.loaders import TaskLoaders
 from unimrg.models.registry import build_model
 from unimrg.objective import Objective
-from unimrg.runfolder import COMPLETE, find_checkpoint  # noqa: F401  (find_checkpoint: re-exported)
+from unimrg.runfolder import COMPLETE, check_checkpoint_config, find_checkpoint
 
 PREEMPTED_EXIT_CODE = 3  # a run that checkpointed on a signal and wants to be requeued
 
@@ -61,6 +61,8 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.resume_from = find_checkpoint(self.ckpt_dir, cfg.run.resume)
+        if self.resume_from is not None:
+            check_checkpoint_config(self.resume_from, cfg)   # e.g. launch/train.py on an edited config
         state = self.read_state(self.resume_from) if self.resume_from else {"step": 0, "stage": 0}
 
         # The stage the next step belongs to; a checkpoint at a stage's last step starts the next one.
@@ -232,6 +234,7 @@ class Trainer:
         dist.barrier()
         if self.rank == 0:
             # Only now is the checkpoint whole: mark it, then point `latest` at it atomically.
+            (folder / "config.yaml").write_text(to_yaml(self.full_cfg))   # what a resume must continue
             (folder / COMPLETE).write_text(f"{self.world}\n")
             tmp = self.ckpt_dir / "latest.tmp"
             tmp.write_text(tag)

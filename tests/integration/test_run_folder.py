@@ -4,16 +4,21 @@
 
 Launched with train.steps=8 train.stop_after=4 optim.lr=2e-4 and a custom data.root, then resumed with
 ``--resume latest train.steps=12``: the resume keeps lr and data.root, runs steps 5..12 once, records
-the amendment, and the logged lr of every step is the rate that step used.
+the amendment, and the logged lr of every step is the rate that step used. Ranks started by hand on an
+edited config refuse to continue the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from omegaconf import OmegaConf
 
+from tests.conftest import REPO
 from tests.integration.test_train_openuni import metrics, train
 
 pytestmark = pytest.mark.slow
@@ -40,6 +45,17 @@ def test_stop_resume_extend_keeps_the_run_and_logs_the_lr_each_step_used(tmp_pat
                   "optim.warmup_fraction=0.5")
     assert "run stopped (train.stop_after) at step 4/8 | final losses und " in first.stdout
     assert f"checkpoint {run / 'checkpoints' / 'step_0000004'} | continue with --resume latest" in first.stdout
+
+    # ranks started on an edited config (here: launch/train.py by hand) refuse to continue the checkpoint
+    assert (run / "checkpoints" / "step_0000004" / "config.yaml").is_file()
+    edited = OmegaConf.load(run / "config.yaml")
+    edited.optim.lr, edited.run.resume = 1e-3, "latest"
+    OmegaConf.save(edited, tmp_path / "edited.yaml")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                          str(REPO / "launch" / "train.py"), "--config", str(tmp_path / "edited.yaml")],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert res.returncode != 0 and "optim.lr=0.001 (this run has 0.0002)" in res.stderr, res.stderr[-3000:]
 
     # as the README says, plus an extension; no data.root, no lr: both come from the frozen config
     second = train(run, scene_root, "--resume", "latest", "train.steps=12")
