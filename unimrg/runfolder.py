@@ -108,9 +108,8 @@ def resume_config(run_dir: Path, overrides: list[str], resume: str) -> tuple[Con
         if cfg.train.steps < step:
             raise ConfigError(f"train.steps={cfg.train.steps} is below step {step} of the checkpoint "
                               f"{ckpt} this resume starts from")
-    if cfg.train.stop_after and cfg.train.stop_after <= step:
-        raise ConfigError(f"train.stop_after={cfg.train.stop_after}: the run is already at step {step} "
-                          f"({ckpt}); give a later step or leave it out to run to train.steps")
+    # (a train.stop_after at or below `step` is no error: a SLURM requeue repeats the first start's
+    # overrides, and the ranks then stop at once, saying so)
     amendments = [{"field": k, "from": before.get(k), "to": after.get(k), "after_step": step} for k in changed]
     return cfg, amendments, ckpt
 
