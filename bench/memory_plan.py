@@ -4,7 +4,7 @@
     python bench/memory_plan.py --models openuni --gpus 8 --gpu-mem 80 --all-cold
 
 Builds each model's full-size architecture on the meta device (no weights), applies the paper's freezing,
-and feeds DeepSpeed's own estimators (`deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs`
+and applies (unimrg/memory.py) DeepSpeed's own estimators (`deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs`
 and `deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs`, the functions behind the
 `*_all_cold` printers) with the *trainable* parameter count: bf16 weights + grads + fp32 master weights +
 Adam moments, no offload. Frozen parameters (vision encoder, VAE) hold only bf16 weights: replicated under
@@ -28,21 +28,10 @@ GiB = 1024 ** 3
 
 
 def param_stats(name: str) -> dict[str, int]:
-    """total / trainable / frozen parameters and the largest single module's own parameters (ZeRO-3
-    gathers one module at a time), of the full-size model with its freezing applied."""
-    import torch
-
+    """Parameter counts of the registered model ``name`` at full size with the paper's freezing."""
+    from unimrg.memory import param_stats as stats_of
     from unimrg.models import registry
-    cls = registry.adapter_class(name)
-    cfg = cls.config_class(name=name, size="full")
-    with torch.device("meta"):
-        model = cls(cfg)
-    model.apply_freezing()
-    params = list(model.parameters())
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    total = sum(p.numel() for p in params)
-    return {"total": total, "trainable": trainable, "frozen": total - trainable, "largest_layer": largest}
+    return stats_of(registry.config_class(name)(name=name, size="full"))
 
 
 def layout(gpus: int, per_node: int) -> tuple[int, int]:
@@ -51,15 +40,10 @@ def layout(gpus: int, per_node: int) -> tuple[int, int]:
 
 
 def plan(stats: dict[str, int], gpus: int, per_node: int) -> dict[str, float]:
-    """GiB per GPU of model states under ZeRO-2 and ZeRO-3 (no offload)."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-    gpn, nodes = layout(gpus, per_node)
-    _, z2 = estimate_zero2_model_states_mem_needs(stats["trainable"], gpn, nodes, cpu_offload=False)
-    _, z3, _ = estimate_zero3_model_states_mem_needs(stats["trainable"], stats["largest_layer"], gpn, nodes,
-                                                     cpu_offload=False, cpu_offload_params=False, zero_init=True)
-    frozen = 2 * stats["frozen"]                      # bf16 weights only
-    return {"zero2": (z2 + frozen) / GiB, "zero3": (z3 + frozen / gpus) / GiB}
+    """GiB per GPU of model states under ZeRO-2 and ZeRO-3 (no offload): unimrg.memory, which
+    submit.py's --gpu-mem-gb check uses too."""
+    from unimrg.memory import model_state_bytes
+    return {"zero2": model_state_bytes(stats, 2, gpus) / GiB, "zero3": model_state_bytes(stats, 3, gpus) / GiB}
 
 
 def main(argv=None) -> dict[str, dict[int, dict[str, float]]]:

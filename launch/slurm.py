@@ -210,7 +210,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             return self.config
         from omegaconf import OmegaConf
 
-        from unimrg.trainer import find_checkpoint
+        from unimrg.runfolder import find_checkpoint
         cfg = OmegaConf.load(self.config)
         if find_checkpoint(Path(cfg.run.dir) / "checkpoints", "latest") is None:
             return self.config   # preempted before the first checkpoint: start as submitted

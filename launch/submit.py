@@ -6,37 +6,45 @@
 
 Trailing ``key=value`` arguments override the recipe (``train.steps=50 data.root=/data/unimrg``).
 The run folder gets ``config.yaml`` (resolved; what every rank and every requeue reads) and
-``submission.json`` (the launch parameters), so a crashed job can be resubmitted as is.
+``submission.json`` (the history of launches), so a crashed job can be resubmitted as is. The first
+launch freezes config.yaml; ``--resume latest`` reuses it (unimrg/runfolder.py: which overrides a
+resume may still change, and how they are recorded).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from unimrg.config import ConfigError, load_config, plan_report, recipe_path, to_yaml, validate  # noqa: E402
+from unimrg import runfolder  # noqa: E402
+from unimrg.config import ConfigError, check_inputs, load_config, plan_report, recipe_path, validate  # noqa: E402
 from unimrg.data.loaders import check_data_paths, ensure_scene_data  # noqa: E402
 from unimrg.models import registry  # noqa: E402
+
+DEFAULT_MODEL, DEFAULT_RECIPE = "openuni", "tiny"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--job", choices=("train", "preprocess"), default="train",
                     help="train a model, or make depth / segmentation targets (launch/preprocess.py)")
-    ap.add_argument("--model", default="openuni", help=f"one of {registry.names()}")
-    ap.add_argument("--recipe", default="tiny", help="name (launch/recipes/<model>_<name>.yaml) or a YAML path")
+    ap.add_argument("--model", default=None, help=f"one of {registry.names()} (default {DEFAULT_MODEL}; "
+                                                  "a resume takes the run's)")
+    ap.add_argument("--recipe", default=None, help="name (launch/recipes/<model>_<name>.yaml) or a YAML path "
+                                                   f"(default {DEFAULT_RECIPE}; a resume takes the run's)")
     ap.add_argument("--cluster", choices=("local", "slurm"), default="local")
     ap.add_argument("--run-dir", default=None, help="run folder (default runs/<model>_<recipe>)")
-    ap.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (sets run.resume)")
+    ap.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (sets run.resume): reuses "
+                    "RUN/config.yaml as frozen at the first launch")
     ap.add_argument("--dry-run", action="store_true", help="validate config, batch arithmetic and paths; start nothing")
+    ap.add_argument("--gpu-mem-gb", type=float, default=None,
+                    help="GiB per GPU: check the estimated model-state memory of this layout fits (unimrg/memory.py)")
     ap.add_argument("--prepare-only", action="store_true",
                     help="write the run folder (config, data) and start nothing: slurm/*.sh do this before srun")
     g = ap.add_argument_group("resources")
@@ -85,16 +93,36 @@ def ranks_per_node(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.job == "preprocess":
+        args.model, args.recipe = args.model or DEFAULT_MODEL, args.recipe or DEFAULT_RECIPE
         from launch.preprocess import submit as submit_preprocess
         return submit_preprocess(args)
-    run_dir = Path(args.run_dir or REPO / "runs" / f"{args.model}_{Path(args.recipe).stem}").resolve()
-    overrides = [*args.overrides, f"run.dir={run_dir}"]
-    if args.resume is not None:
-        overrides.append(f"run.resume={args.resume}")
+    run_dir = Path(args.run_dir or REPO / "runs" / f"{args.model or DEFAULT_MODEL}_"
+                   f"{Path(args.recipe or DEFAULT_RECIPE).stem}").resolve()
+    given = runfolder.override_keys(args.overrides)
+    resume = args.resume or next((o.split("=", 1)[1] for o in args.overrides if o.startswith("run.resume=")), "")
+    overrides = [o for o in args.overrides if not o.startswith("run.resume=")] + [f"run.dir={run_dir}"]
     dp_size = args.nodes * ranks_per_node(args)
     try:
-        cfg = load_config(recipe_path(args.model, args.recipe), overrides, model=args.model)
+        if resume and (run_dir / "config.yaml").is_file():
+            cfg, amendments, ckpt = runfolder.resume_config(run_dir, overrides, resume)
+            kind = "resume"
+            first = runfolder.read_history(run_dir)["launches"][:1]
+            check_same_run(args, cfg, first[0] if first else {})
+            if ckpt is not None and runfolder.checkpoint_world(ckpt) != dp_size:
+                raise ConfigError(f"{ckpt} was written by {runfolder.checkpoint_world(ckpt)} ranks; this launch has "
+                                  f"{dp_size} (--nodes × ranks per node): resume with the same number of ranks")
+        else:
+            if not resume:
+                runfolder.refuse_fresh_launch(run_dir)
+            args.model, args.recipe = args.model or DEFAULT_MODEL, args.recipe or DEFAULT_RECIPE
+            cfg = load_config(recipe_path(args.model, args.recipe), overrides, model=args.model)
+            cfg.run.resume = resume
+            amendments, ckpt = [], None
+            kind = "restart" if (run_dir / "config.yaml").is_file() else "first"
         plan = validate(cfg, dp_size)
+        check_inputs(cfg)
+        if args.gpu_mem_gb is not None:
+            check_memory(cfg, args)
         if args.dry_run:
             if not cfg.data.scenes:   # a scenes recipe generates its data on the first real launch
                 check_data_paths(cfg.data, cfg.objective.tasks)
@@ -106,17 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{cfg.model.name} ({cfg.model.size}) {plan.describe(cfg.objective.tasks)}")
     if args.dry_run:   # the batch plan for this GPU count, stage by stage
         print("\n".join(plan_report(cfg, dp_size)))
+    if kind == "resume":
+        print(f"resuming {run_dir} from {ckpt.name if ckpt else 'the start (no checkpoint yet)'} with its frozen "
+              f"config.yaml" + "".join(f"; amended {a['field']}: {a['from']!r} -> {a['to']!r} from step "
+                                       f"{a['after_step'] + 1}" for a in amendments))
     if args.dry_run:
         print("dry run: config, batch arithmetic and paths are valid; nothing started")
         return 0
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    entry = {k: v for k, v in vars(args).items() if k != "overrides"} | {
+        "kind": kind, "resumed_from": str(ckpt) if ckpt else None, "overrides": args.overrides,
+        "given": sorted(given), "argv": sys.argv, "git_sha": git_sha(), "batch_plan": plan.as_dict()}
+    runfolder.write_launch(run_dir, cfg, entry, amendments)
     config_path = run_dir / "config.yaml"
-    config_path.write_text(to_yaml(cfg))
-    submission = {k: v for k, v in vars(args).items() if k != "overrides"} | {
-        "overrides": args.overrides, "argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "git_sha": git_sha(), "batch_plan": plan.as_dict()}
-    (run_dir / "submission.json").write_text(json.dumps(submission, indent=2))
     print(f"run folder {run_dir}\nTensorBoard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
     if args.prepare_only:
         return 0
@@ -129,6 +160,34 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     return run_local(config_path, ranks_per_node(args), gpu=args.gpus_per_node > 0)
+
+
+def check_same_run(args, cfg, first: dict) -> None:
+    """--model / --recipe given at resume must be the run's (they are not re-read: config.yaml is)."""
+    if args.model not in (None, cfg.model.name):
+        raise ConfigError(f"--model {args.model}: {cfg.run.dir} is a {cfg.model.name} run; resume it without "
+                          "--model (or with its own), or start a new run with a new --run-dir")
+    recipe = first.get("recipe")
+    if args.recipe is not None and recipe is not None and Path(args.recipe).stem != Path(recipe).stem:
+        raise ConfigError(f"--recipe {args.recipe}: {cfg.run.dir} was launched with --recipe {recipe}; a resume "
+                          "reuses its frozen config.yaml (leave --recipe out), or start a new run with a new --run-dir")
+    args.model, args.recipe = cfg.model.name, recipe or args.recipe or DEFAULT_RECIPE
+
+
+def check_memory(cfg, args) -> None:
+    """Model states per GPU for this layout and ZeRO stage against --gpu-mem-gb (activations come on top)."""
+    from unimrg.memory import run_estimate
+    gpus = args.nodes * ranks_per_node(args)
+    est = run_estimate(cfg, gpus)
+    need, stage = est[cfg.train.zero_stage], cfg.train.zero_stage
+    print(f"memory: model states ≈ {need:.1f} GiB per GPU under ZeRO-{stage} on {gpus} GPU(s) (activations "
+          f"not included); --gpu-mem-gb {args.gpu_mem_gb:g} leaves {args.gpu_mem_gb - need:.1f} GiB")
+    if need > args.gpu_mem_gb:
+        fits = [f"ZeRO-{z} ({est[z]:.1f} GiB: train.zero_stage={z} train.ds_config=ds_configs/zero{z}.json)"
+                for z in (1, 2, 3) if z != stage and est[z] <= args.gpu_mem_gb]
+        raise ConfigError(f"model states need ≈ {need:.1f} GiB per GPU under ZeRO-{stage} on {gpus} GPU(s), more "
+                          f"than --gpu-mem-gb {args.gpu_mem_gb:g}: "
+                          + (f"use {' or '.join(fits)}" if fits else "use more GPUs (--nodes)"))
 
 
 def run_local(config_path: Path, nproc: int, gpu: bool) -> int:

@@ -3,12 +3,14 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 launch/train.py --config RUN/config.yaml
 
 Started by launch/submit.py (local: torchrun; SLURM: submitit or srun), never edited per variant:
-variants are recipes in launch/recipes/.
+variants are recipes in launch/recipes/. The ``deepspeed`` launcher works too
+(``deepspeed --num_gpus 8 launch/train.py --config RUN/config.yaml``): it adds ``--local_rank=N``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -17,10 +19,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python launc
 from unimrg.config import load_resolved  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="RUN/config.yaml written by launch/submit.py")
-    args = ap.parse_args(argv)
+    # the `deepspeed` launcher passes --local_rank=N (torchrun and SLURM set LOCAL_RANK instead)
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))   # what unimrg.engine reads
     cfg = load_resolved(args.config)
     from unimrg.trainer import run  # after parsing: --help stays fast
     return run(cfg)

@@ -24,9 +24,12 @@ echo "job $SLURM_JOB_ID (restart $RESTARTS) on $SLURM_JOB_NODELIST:" \
   "$NODES node(s) × $TASKS_PER_NODE rank(s), $GPUS GPU(s) per node"
 
 # 1. Resolve and validate the recipe into $RUN_DIR/config.yaml (the same step as submit.py, which also
-#    generates the tiny recipes' scene data). A requeued start resumes from the latest checkpoint.
+#    generates the tiny recipes' scene data). A requeued start resumes: it reuses the config.yaml the
+#    first start froze (from its latest checkpoint, or from step 0 if it had none yet); the overrides
+#    given again must not change it (unimrg/runfolder.py). A new sbatch into a RUN_DIR with checkpoints
+#    is refused unless it passes run.resume=latest.
 RESUME=()
-if [ "$RESTARTS" -gt 0 ] && [ -f "$RUN_DIR/checkpoints/latest" ]; then RESUME=(--resume latest); fi
+if [ "$RESTARTS" -gt 0 ]; then RESUME=(--resume latest); fi
 "$PYTHON" launch/submit.py --model "$MODEL" --recipe "$RECIPE" --run-dir "$RUN_DIR" --cluster slurm \
   --prepare-only --nodes "$NODES" --gpus-per-node "$GPUS" --cpu-ranks-per-node "$TASKS_PER_NODE" \
   "${RESUME[@]}" "$@"

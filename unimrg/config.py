@@ -11,6 +11,8 @@ micro-batch, accumulation and data-parallel size are turned into DeepSpeed's bat
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -235,6 +237,67 @@ def stage_config(cfg: Config, stage: StageConfig) -> Config:
     return dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, tasks=list(stage.tasks)))
 
 
+def ds_config_file(cfg: Config) -> Path:
+    """The ZeRO JSON a run reads: train.ds_config, else ds_configs/zero{train.zero_stage}.json."""
+    return repo_path(cfg.train.ds_config) if cfg.train.ds_config else REPO / "ds_configs" / f"zero{cfg.train.zero_stage}.json"
+
+
+# DeepSpeed JSON blocks the recipe owns: the trainer builds AdamW and the warm-up + cosine schedule itself
+# and hands them to DeepSpeed, so a block here would be ignored while ds_config.json claimed it ran.
+RECIPE_OWNED = {"optimizer": "optim.lr / optim.betas / optim.eps / optim.weight_decay",
+                "scheduler": "optim.warmup_fraction / optim.min_lr_ratio"}
+
+
+def check_ds_config(cfg: Config) -> None:
+    """The ZeRO JSON agrees with the recipe: same stage, no optimizer / scheduler of its own."""
+    path = ds_config_file(cfg)
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"train.ds_config: cannot read {path}: {e}") from None
+    stage = ds.get("zero_optimization", {}).get("stage") if isinstance(ds, dict) else None
+    if stage != cfg.train.zero_stage:
+        raise ConfigError(f"{path} has zero_optimization.stage={stage} but train.zero_stage={cfg.train.zero_stage}; "
+                          f"make them agree (e.g. train.ds_config=ds_configs/zero{cfg.train.zero_stage}.json)")
+    owned = [k for k in RECIPE_OWNED if k in ds]
+    if owned:
+        raise ConfigError(f"{path} has a {' and a '.join(repr(k) for k in owned)} block: the recipe owns them "
+                          f"({'; '.join(RECIPE_OWNED[k] for k in owned)}); remove the block from the JSON and "
+                          "set those fields instead")
+
+
+def _path_fields(model_cfg) -> list[str]:
+    """The model fields that name files or folders the run reads (official weights, tokenizers)."""
+    return [f.name for f in dataclasses.fields(model_cfg)
+            if f.name in ("checkpoint", "tokenizer") or f.name.endswith(("_path", "_checkpoint"))]
+
+
+def check_inputs(cfg: Config) -> None:
+    """What the ranks will read, checked before they start: official weights at full size, and every
+    model path readable. (Data: ``unimrg.data.loaders.check_data_paths``; the ZeRO JSON: ``validate``.)"""
+    m = cfg.model
+    if m.init not in ("official", "random"):
+        raise ConfigError(f"model.init={m.init!r}: use official (load model.checkpoint) or random")
+    if m.init == "random" and m.checkpoint:
+        raise ConfigError(f"model.init=random but model.checkpoint={m.checkpoint} is set: drop one of them")
+    if m.size != "tiny" and m.init == "official" and not m.checkpoint:
+        raise ConfigError(f"model.size={m.size} without official weights: set model.checkpoint=<local path to the "
+                          f"released {m.name} weights> (nothing is downloaded), or model.init=random to train "
+                          "the full-size model from random weights on purpose")
+    problems = []
+    for name in _path_fields(m):
+        value = getattr(m, name)
+        if not value:
+            continue
+        p = Path(value)
+        if not p.exists():
+            problems.append(f"model.{name}={value}: no such file or folder")
+        elif not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+            problems.append(f"model.{name}={value}: not readable by this user")
+    if problems:
+        raise ConfigError("; ".join(problems) + " (give local paths to the official files; nothing is downloaded)")
+
+
 def validate(cfg: Config, dp_size: int) -> BatchPlan:
     """Everything ``--dry-run`` checks before any rank starts: fields, batch arithmetic, paths."""
     t = cfg.train
@@ -246,6 +309,7 @@ def validate(cfg: Config, dp_size: int) -> BatchPlan:
         raise ConfigError(f"train.steps={t.steps} must be ≥ 1 and train.stop_after={t.stop_after} ≥ 0")
     if t.ds_config and not repo_path(t.ds_config).is_file():
         raise ConfigError(f"train.ds_config={t.ds_config}: no such file (see ds_configs/)")
+    check_ds_config(cfg)
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).exists():
         raise ConfigError(f"model.checkpoint={cfg.model.checkpoint}: no such path (give a local path "
                           "to the official weights; nothing is downloaded)")

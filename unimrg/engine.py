@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 import deepspeed.comm  # noqa: E402
 
-from unimrg.config import REPO, BatchPlan, Config, ConfigError, repo_path  # noqa: E402
+from unimrg.config import BatchPlan, Config, ConfigError, ds_config_file  # noqa: E402
 
 BATCH_FIELDS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
@@ -48,7 +48,7 @@ def init_distributed() -> tuple[int, int, int]:
 
 
 def ds_config_path(cfg: Config) -> Path:
-    return repo_path(cfg.train.ds_config) if cfg.train.ds_config else REPO / "ds_configs" / f"zero{cfg.train.zero_stage}.json"
+    return ds_config_file(cfg)
 
 
 def fill_batch_fields(ds: dict, plan: BatchPlan) -> dict:
@@ -151,7 +151,8 @@ class Engine:
         return float(n) if n is not None else float("nan")
 
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        """The rate the next optimizer step uses."""
+        return self.scheduler.optimizer.param_groups[0]["lr"]
 
     def save(self, save_dir: Path, tag: str, client_state: dict) -> None:
         # `latest` is written by the trainer only once every rank's extra state is on disk.
@@ -161,6 +162,12 @@ class Engine:
         path, client = self.ds.load_checkpoint(str(save_dir), tag=tag)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint {save_dir}/{tag}")
+        # The saved optimizer holds the rate the saving run's schedule gave; take it from this run's
+        # schedule at the restored step instead (they differ when a resume amends train.steps).
+        sched = self.scheduler
+        for group, fn, base in zip(sched.optimizer.param_groups, sched.lr_lambdas, sched.base_lrs):
+            group["lr"] = base * fn(sched.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.scheduler.optimizer.param_groups]
         return client
 
     def close(self) -> None:

@@ -32,8 +32,8 @@ from unimrg.data.loaders import TaskLoaders
 from unimrg.models.registry import build_model
 from unimrg.objective import Objective
 from unimrg.tasks import TASKS
+from unimrg.runfolder import COMPLETE, check_checkpoint_config, find_checkpoint
 
-COMPLETE = "COMPLETE"   # written into a checkpoint folder once every rank's state is on disk
 PREEMPTED_EXIT_CODE = 3  # a run that checkpointed on a signal and wants to be requeued
 
 
@@ -48,22 +48,6 @@ def lr_lambda(cfg: Config, steps: int):
         progress = min(1.0, (step - warmup) / max(1, steps - warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
-
-
-def find_checkpoint(ckpt_dir: Path, resume: str) -> Path | None:
-    """``latest`` → the folder named in ckpt_dir/latest if complete, else the newest complete one."""
-    if resume not in ("", "latest"):
-        path = Path(resume)
-        if not (path / COMPLETE).exists():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
-        return path
-    if resume == "" or not ckpt_dir.is_dir():
-        return None
-    latest = ckpt_dir / "latest"
-    if latest.is_file() and (ckpt_dir / latest.read_text().strip() / COMPLETE).exists():
-        return ckpt_dir / latest.read_text().strip()
-    complete = sorted(p for p in ckpt_dir.glob("step_*") if (p / COMPLETE).exists())
-    return complete[-1] if complete else None
 
 
 class TaskStreams:
@@ -125,6 +109,8 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.resume_from = find_checkpoint(self.ckpt_dir, cfg.run.resume)
+        if self.resume_from is not None:
+            check_checkpoint_config(self.resume_from, cfg)   # e.g. launch/train.py on an edited config
         state = self.read_state(self.resume_from) if self.resume_from else {"step": 0, "stage": 0}
 
         # The stage the next step belongs to; a checkpoint at a stage's last step starts the next one.
@@ -163,15 +149,19 @@ class Trainer:
         self.streams = TaskStreams(cfg.train.seed, group_rank, self.objective)
         self.trainable = [p for p in self.engine.module.parameters() if p.requires_grad]
         self.step = 0
+        self.last_losses: dict[str, float] = {}   # the last step's all-reduced per-task losses
         self.samples_seen = defaultdict(int)   # per task, this rank
         self.writer = None
         if self.rank == 0:
             self.write_run_files()
             if cfg.run.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(self.run_dir / "tb"))
+                # hide events an earlier, killed launch logged after the step this one starts from
+                self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=state["step"] + 1)
         (self.run_dir / "metrics").mkdir(parents=True, exist_ok=True)
-        self.metrics = open(self.run_dir / "metrics" / f"rank{self.rank}.jsonl", "a")
+        metrics_path = self.run_dir / "metrics" / f"rank{self.rank}.jsonl"
+        self.set_aside_rows_after(metrics_path, state["step"])
+        self.metrics = open(metrics_path, "a")
         if self.resume_from is not None:
             self.load(self.resume_from, state, engine_state=not self.new_stage)
 
@@ -198,9 +188,14 @@ class Trainer:
                 if self.step % cfg.train.checkpoint_every and self.step != last:
                     self.save()
                 self.log0(f"stopping at step {self.step} on a signal; resume with run.resume=latest")
+                self.summary("preempted")
                 return PREEMPTED_EXIT_CODE
+        final = None
         if self.step == cfg.train.steps and cfg.train.export_final:
-            self.export(self.run_dir / "final" / "model.pt")
+            final = self.run_dir / "final" / "model.pt"
+            self.export(final)
+        if self.step == cfg.train.steps or not self.next_stage():
+            self.summary("finished" if self.step == cfg.train.steps else "stopped (train.stop_after)", final)
         return 0
 
     def stage_export(self, stage: int) -> Path:
@@ -213,6 +208,7 @@ class Trainer:
         return self.step == self.stage_end < self.cfg.train.steps and not (stop and self.step >= stop)
 
     def train_step(self) -> tuple[dict[str, float], dict[str, int]]:
+        self.step_lr = self.engine.lr()   # the rate this step uses (the schedule moves on at its end)
         sums, n_micro, counts = defaultdict(float), defaultdict(int), defaultdict(int)
         for micro in range(self.plan.grad_accum):
             tasks = self.plan.micro_step_tasks(self.rank, micro)
@@ -246,8 +242,9 @@ class Trainer:
         mean = {t: row[0] / max(row[1], 1.0) for t, row in zip(tasks, local.tolist())}
         global_counts = {t: int(row[2]) for t, row in zip(tasks, local.tolist())}
         global_seen = {t: int(row[3]) for t, row in zip(tasks, local.tolist())}
+        self.last_losses = mean
         total = sum(self.cfg.objective.weights[t] * mean[t] for t in tasks)
-        grad_norm, lr = self.engine.grad_norm(), self.engine.lr()
+        grad_norm, lr = self.engine.grad_norm(), self.step_lr
         samples_s = self.plan.train_batch_size / max(dt, 1e-9)
         skipped = self.loaders.skipped()
         print(json.dumps({"step": self.step, "stage": self.stage + 1, "losses": losses, "total": sum(
@@ -274,6 +271,19 @@ class Trainer:
                   f"grad {grad_norm:.3f} | {samples_s:.1f} samples/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
                   flush=True)
 
+    def summary(self, status: str, final: Path | None = None) -> None:
+        """One line on rank 0 at the end of a launch: how far, the last losses, where the weights are."""
+        if self.rank != 0:
+            return
+        latest = find_checkpoint(self.ckpt_dir, "latest")
+        losses = " ".join(f"{t} {v:.4f}" for t, v in self.last_losses.items()) or "none (no step this launch)"
+        where = [f"final weights {final}"] if final else []
+        where += [f"checkpoint {latest}"] if latest else []
+        print(f"run {status} at step {self.step}/{self.full_cfg.train.steps} | final losses {losses} | "
+              f"{' | '.join(where) or 'no weights written'}"
+              f"{'' if final or self.step == self.full_cfg.train.steps else ' | continue with --resume latest'}",
+              flush=True)
+
     def log0(self, msg: str) -> None:
         if self.rank == 0:
             print(msg, flush=True)
@@ -292,6 +302,7 @@ class Trainer:
         dist.barrier()
         if self.rank == 0:
             # Only now is the checkpoint whole: mark it, then point `latest` at it atomically.
+            (folder / "config.yaml").write_text(to_yaml(self.full_cfg))   # what a resume must continue
             (folder / COMPLETE).write_text(f"{self.world}\n")
             tmp = self.ckpt_dir / "latest.tmp"
             tmp.write_text(tag)
@@ -336,6 +347,22 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.resolved.yaml").write_text(to_yaml(self.cfg))
         (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+
+    @staticmethod
+    def set_aside_rows_after(path: Path, step: int) -> None:
+        """Steps after the resumed checkpoint that a killed launch had logged: they are re-run now, so
+        they move to ``<file>.discarded`` and every step appears once in the metrics."""
+        if not path.is_file():
+            return
+        keep, drop = [], []
+        for line in path.read_text().splitlines(keepends=True):
+            (drop if line.strip() and json.loads(line)["step"] > step else keep).append(line)
+        if drop:
+            with open(path.with_suffix(".jsonl.discarded"), "a") as f:
+                f.writelines(drop)
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, path)
 
     def on_signal(self, signum, frame) -> None:
         # Only set a flag: checkpointing mid-step would tear the accumulation.

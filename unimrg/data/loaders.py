@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import pickle
 import warnings
 from dataclasses import dataclass, field
@@ -101,6 +102,8 @@ def check_data_paths(cfg: DataConfig, tasks: Sequence[str]) -> None:
         p = cfg.path(task)
         if not (p / ".nv-meta" / "dataset.yaml").is_file():
             problems.append(f"task {task!r}: {p} is not a prepared Energon dataset (no .nv-meta/dataset.yaml)")
+        elif not os.access(p, os.R_OK | os.X_OK):
+            problems.append(f"task {task!r}: {p} is not readable by this user")
     if problems:
         raise FileNotFoundError("; ".join(problems) + ". Generate scene data with `python -m "
                                 "unimrg.data.scenes --out DIR` (or set data.scenes=N) or run `energon "

@@ -24,6 +24,7 @@ class ModelConfig:
     name: str = "openuni"
     size: str = "tiny"                 # "tiny" (random init, tests/demo) | "full" (the released architecture)
     checkpoint: str | None = None      # local path to official weights, loaded by ``load_official``
+    init: str = "official"             # "official": full size needs model.checkpoint; "random": no weights, on purpose
     image_size: int = 56               # side the loaders resize images to (uint8)
 
 
