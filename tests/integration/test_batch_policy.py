@@ -30,7 +30,7 @@ def test_dry_run_of_each_paper_recipe_on_8x8_gpus_prints_the_plan(tmp_path, scen
                                                                   capsys):
     # In-process (the same main() as the command line): a subprocess would spend its time importing.
     code = submit_main(["--model", model, "--recipe", "paper", "--nodes", "8", "--gpus-per-node", "8", "--dry-run",
-                        "--run-dir", str(tmp_path / "run"), f"data.root={scene_root}"])
+                        "--run-dir", str(tmp_path / "run"), f"data.root={scene_root}", "model.init=random"])
     out, err = capsys.readouterr()
     assert code == 0, err[-3000:]
     assert "on 64 GPUs (recipe written for 8)" in out and placement in out
