@@ -27,7 +27,8 @@ import torch.distributed as dist
 
 from unimrg import engine as eng
 from unimrg.config import Config, batch_arithmetic, stage_config, stage_plans, to_yaml, validate
-from unimrg.data.loaders import TaskLoaders
+from unimrg.data.batches import UnderstandingBatch
+from unimrg.data.loaders import UND_TEXT, TaskLoaders
 from unimrg.models.registry import build_model
 from unimrg.objective import Objective
 
@@ -108,6 +109,9 @@ class Trainer:
         self.objective = Objective(cfg.objective, seed=cfg.train.seed + self.rank)
         self.loaders = TaskLoaders(cfg.data, self.objective.tasks, cfg.train.micro_batch_per_task,
                                    cfg.model.image_size, self.rank, self.world, cfg.train.seed)
+        if self.loaders.text_ratio > 0:
+            self.log0(f"und stream: {self.loaders.text_ratio:.1%} text-only conversations from "
+                      f"{cfg.data.path(UND_TEXT)} (data.und_text_ratio={cfg.data.und_text_ratio})")
         self.step = 0
         self.samples_seen = defaultdict(int)   # per task, this rank
         self.writer = None
@@ -168,6 +172,8 @@ class Trainer:
             self.engine.step()
             for b in batches:
                 counts[b.task] += len(b)
+                if isinstance(b, UnderstandingBatch) and self.loaders.text_ratio > 0:
+                    counts[UND_TEXT] += b.text_only()     # of counts[und]: text-only conversations
                 sums[b.task] += task_losses[b.task].item()
                 n_micro[b.task] += 1
         for t, n in counts.items():
@@ -195,6 +201,8 @@ class Trainer:
                 self.writer.add_scalar(f"loss/{t}", mean[t], self.step)
                 self.writer.add_scalar(f"samples_seen/{t}", self.samples_seen[t] * self.world, self.step)
                 self.writer.add_scalar(f"data/skipped/{t}", skipped.get(t, 0), self.step)
+            if UND_TEXT in self.samples_seen:
+                self.writer.add_scalar(f"samples_seen/{UND_TEXT}", self.samples_seen[UND_TEXT] * self.world, self.step)
             self.writer.add_scalar("loss/total", total, self.step)
             self.writer.add_scalar("lr", lr, self.step)
             self.writer.add_scalar("grad_norm", grad_norm, self.step)

@@ -127,7 +127,10 @@ class OpenUni(UMMAdapter):
     def understanding_loss(self, batch: UnderstandingBatch) -> torch.Tensor:
         device, dtype = self._device_dtype()
         ids, labels, mask = self._conversation_ids(batch)
-        pixel_values = self._vit_pixels(batch.images, device, dtype)        # (B, 3, 448, 448) normalised
+        # Text-only conversations (und_text) have no image tokens; InternVL gets the images of the others.
+        with_image = batch.image_mask()
+        pixel_values = (self._vit_pixels(batch.images[with_image], device, dtype)   # (N, 3, 448, 448)
+                        if bool(with_image.any()) else None)
         out = self.lmm(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pixel_values,
                        labels=labels.to(device), use_cache=False)
         return out.loss                                                      # fp32 (HF upcasts logits)
@@ -363,9 +366,11 @@ class OpenUni(UMMAdapter):
         Returns input_ids, labels (B, L) long and attention mask (B, L) bool, right-padded."""
         n_img = self.arch.image_seq_length
         all_ids, all_labels = [], []
+        with_image = batch.image_mask().tolist()
         for i, conv in enumerate(batch.conversations):
             key = batch.keys[i] if i < len(batch.keys) else f"#{i}"
             ids, labels = [], []
+            has_image = with_image[i]
 
             def add(text: str, train: bool) -> None:
                 t = self._encode(text)
@@ -374,7 +379,7 @@ class OpenUni(UMMAdapter):
 
             if self.system_message:
                 add(f"{IM_START}system\n{self.system_message}{IM_END}\n", False)
-            placed = False
+            placed = not has_image        # a text-only conversation gets no image tokens
             for role, value in dialogue_turns(conv, key):
                 if role == "human":
                     if not placed:
@@ -389,7 +394,7 @@ class OpenUni(UMMAdapter):
                     add(f"{value}{IM_END}\n", True)
             if len(ids) > self.cfg.max_length:
                 ids, labels = ids[:self.cfg.max_length], labels[:self.cfg.max_length]
-                if sum(x == self.arch.internvl.image_token_id for x in ids) != n_img:
+                if has_image and sum(x == self.arch.internvl.image_token_id for x in ids) != n_img:
                     raise ValueError(f"understanding sample {key!r}: max_length={self.cfg.max_length} cuts the "
                                      "image tokens; raise model.max_length")
             if all(x == IGNORE_INDEX for x in labels):

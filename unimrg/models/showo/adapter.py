@@ -86,7 +86,7 @@ class _Seq:
 
     task: str
     ids: list[int] = field(default_factory=list)        # CLIP slots hold the pad id (features replace them)
-    clip_start: int = -1                                # first CLIP slot
+    clip_start: int = -1                                # first CLIP slot; -1: none (a text-only conversation)
     block: tuple[int, int] = (0, 0)                     # [start, end) of the bidirectional image-token block
     preds: list[int] = field(default_factory=list)      # positions whose logits are scored
     targets: list[int] = field(default_factory=list)    # the token each of them must predict
@@ -152,7 +152,11 @@ class Showo(UMMAdapter):
         for b in gen:
             self._check_prompts(b)
         # Every sample is conditioned on its image's CLIP features: one vision pass for all tasks.
-        feats = self.image_features(torch.cat([b.images for b in batches]))      # (N, n_clip, hidden)
+        # Text-only conversations (und_text) have none: their placeholder images are left out.
+        with_image = torch.cat([b.image_mask() if isinstance(b, UnderstandingBatch) else
+                                torch.ones(len(b), dtype=torch.bool) for b in batches])
+        images = torch.cat([b.images for b in batches])
+        feats = self.image_features(images[with_image]) if bool(with_image.any()) else None  # (N, n_clip, hidden)
         codes = masks = None
         if gen:
             codes = self.encode_targets(torch.cat([b.targets for b in gen]))    # (G, n_img) int64
@@ -334,6 +338,7 @@ class Showo(UMMAdapter):
         per round (Show-o `llava_instruct_data.py`); labels on each answer and its <|endoftext|>."""
         eos = self._eos_id()
         seqs = []
+        with_image = batch.image_mask().tolist()
         for i, conv in enumerate(batch.conversations):
             key = batch.keys[i] if i < len(batch.keys) else f"#{i}"
             text, labels = [], []
@@ -351,9 +356,11 @@ class Showo(UMMAdapter):
                 raise ValueError(f"understanding sample {key!r}: no answer tokens left within "
                                  f"max_text_len={self.cfg.max_text_len}; raise model.max_text_len")
             s = _Seq(batch.task)
-            s.ids = [self.mmu_id] + (self._encode(self.system_message) if self.system_message else []) + [self.soi_id]
-            s.clip_start = len(s.ids)
-            s.ids += [self.pad_id] * self.arch.num_clip_tokens + [self.eoi_id]
+            s.ids = [self.mmu_id] + (self._encode(self.system_message) if self.system_message else [])
+            if with_image[i]:            # a text-only conversation: no <|soi|> CLIP <|eoi|> block
+                s.ids += [self.soi_id]
+                s.clip_start = len(s.ids)
+                s.ids += [self.pad_id] * self.arch.num_clip_tokens + [self.eoi_id]
             start = len(s.ids)
             s.ids += text
             s.preds = [start + j - 1 for j, t in enumerate(labels) if t != IGNORE_INDEX]
@@ -392,16 +399,18 @@ class Showo(UMMAdapter):
         block = torch.zeros(n, length, dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, :len(s.ids)] = torch.tensor(s.ids)
-            clip[i, s.clip_start:s.clip_start + nc] = True
+            if s.clip_start >= 0:
+                clip[i, s.clip_start:s.clip_start + nc] = True
             valid[i, :len(s.ids)] = True
             block[i, s.block[0]:s.block[1]] = 1
         return ids.to(device), clip.to(device), valid.to(device), block.to(device)
 
     def _run_llm(self, ids: torch.Tensor, clip: torch.Tensor, valid: torch.Tensor, block: torch.Tensor,
-                 feats: torch.Tensor) -> torch.Tensor:
+                 feats: torch.Tensor | None) -> torch.Tensor:
         """Embed (CLIP features in their slots), build Show-o's mask, run the Phi body: (N, L, hidden)."""
         embeds = self.showo.get_input_embeddings()(ids)                       # (N, L, hidden)
-        embeds = embeds.masked_scatter(clip[..., None], feats.to(embeds.dtype))
+        if feats is not None:
+            embeds = embeds.masked_scatter(clip[..., None], feats.to(embeds.dtype))
         mask = attention_mask(valid, block, clip, embeds.dtype)                # (N, 1, L, L)
         return self.showo.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
 
