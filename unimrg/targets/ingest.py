@@ -45,6 +45,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from unimrg.data.llava import LlavaFormatError, LlavaRecord, iter_llava_objects, parse_record
 from unimrg.data.loaders import prepare_dataset
@@ -105,22 +106,20 @@ class IngestSummary:
 
 # ------------------------------------------------------------------------------------- validate
 
-def read_inputs(cfg: IngestConfig, report: list[dict]) -> tuple[list[LlavaRecord | None], list[str]]:
-    """Every record of every ``--llava`` file, checked; nothing is written here. A malformed record is
-    reported (``None`` in its place, so keys stay positional) or, with ``strict``, raised."""
-    records, wheres = [], []
+def read_inputs(cfg: IngestConfig, report: list[dict]) -> Iterator[tuple[str, LlavaRecord | None]]:
+    """``(where, record)`` for every record of every ``--llava`` file, checked; nothing is written here.
+    A malformed record is reported (``None`` in its place, so keys stay positional) or, with
+    ``strict``, raised."""
     for file in cfg.llava:
         for source, index, obj in iter_llava_objects(file):     # a syntax error raises, naming the line
             where = source if index is None else f"{source}: record {index}"
             try:
-                records.append(parse_record(obj, source=source, index=index))
+                yield where, parse_record(obj, source=source, index=index)
             except LlavaFormatError as e:
                 if cfg.strict:
                     raise LlavaFormatError(f"{e} (--strict; without it the record is reported and left out)") from e
                 report.append({"stage": "ingest", "kind": "record", "source": where, "reason": f"malformed: {e}"})
-                records.append(None)
-            wheres.append(where)
-    return records, wheres
+                yield where, None
 
 
 class _Planner:
@@ -149,13 +148,16 @@ class _Planner:
         return ident
 
 
-def plan(cfg: IngestConfig, records: list[LlavaRecord | None], wheres: list[str]
+def plan(cfg: IngestConfig, report: list[dict], summary: IngestSummary
          ) -> tuple[list[list[_Record]], list[list[_Record]], dict[str, _Image]]:
-    """(und shards, und_text shards, images): what every shard will hold, before anything is read."""
+    """(und shards, und_text shards, images): every input read and checked, and what every shard will
+    hold, before any image is read or anything written."""
     planner = _Planner([Path(r) for r in cfg.image_roots])
     und, text = [], []
-    for n, (rec, where) in enumerate(zip(records, wheres)):
+    for n, (where, rec) in enumerate(read_inputs(cfg, report)):
+        summary.records += 1
         if rec is None:
+            summary.bad_records += 1
             continue
         where = f"{where} (id={rec.id!r})"
         stored = rec.to_json()
@@ -322,10 +324,7 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
 
     # 1. read and check every input; 2. plan every shard -- nothing is written before both succeed
     summary, report = IngestSummary(), []
-    records, wheres = read_inputs(cfg, report)
-    summary.records = len(records)
-    summary.bad_records = sum(r is None for r in records)
-    und, text, images = plan(cfg, records, wheres)
+    und, text, images = plan(cfg, report, summary)
     summary.text_only_records = sum(len(s) for s in text)
 
     # 3. write what is not finished yet
