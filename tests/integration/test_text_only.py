@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.integration.test_train_openuni import metrics, train
+from unimrg.config import ConfigError, load_config, recipe_path, validate
 from unimrg.data.batches import UnderstandingBatch
 from unimrg.data.loaders import UND_TEXT, DataConfig, TaskLoaders, check_data_paths, prepare_dataset
 from unimrg.models.registry import build_model, config_class
@@ -79,6 +80,8 @@ def test_loader_mixes_text_only_records_by_ratio(text_root, scene_root):
         check_data_paths(DataConfig(root=str(text_root), und_text_ratio="1.5"), [UND])
     with pytest.raises(FileNotFoundError, match="und_text"):
         check_data_paths(DataConfig(root=str(scene_root), und_text_ratio="0.2"), [UND])
+    with pytest.raises(ConfigError, match="und_text_ratio"):            # --dry-run names the field
+        validate(load_config(recipe_path("openuni", "tiny"), ["data.und_text_ratio=lots"]), dp_size=2)
 
 
 def test_loader_resume_keeps_the_mix(text_root):
