@@ -127,13 +127,25 @@ class OpenUni(UMMAdapter):
     def understanding_loss(self, batch: UnderstandingBatch) -> torch.Tensor:
         device, dtype = self._device_dtype()
         ids, labels, mask = self._conversation_ids(batch)
-        # Text-only conversations (und_text) have no image tokens; InternVL gets the images of the others.
-        with_image = batch.image_mask()
-        pixel_values = (self._vit_pixels(batch.images[with_image], device, dtype)   # (N, 3, 448, 448)
-                        if bool(with_image.any()) else None)
-        out = self.lmm(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pixel_values,
+        # Text-only conversations (und_text) have no image tokens, so only the others' features are
+        # placed. The vision path still runs on every image, placeholders included, and the unused
+        # features join the loss with weight 0: every rank then runs the same modules and gives every
+        # trainable parameter a gradient whatever its text/image mix, as ZeRO's collectives require.
+        with_image = batch.image_mask().to(device)
+        pixel_values = self._vit_pixels(batch.images, device, dtype)        # (B, 3, 448, 448) normalised
+        cfg = self.lmm.config
+        image = self.lmm.model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        feats = image.pooler_output                                          # (B, image tokens, hidden)
+        image.pooler_output = feats[with_image]
+        out = self.lmm(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       mm_encoder_outputs={"image": image} if bool(with_image.any()) else None,
                        labels=labels.to(device), use_cache=False)
-        return out.loss                                                      # fp32 (HF upcasts logits)
+        loss = out.loss                                                      # fp32 (HF upcasts logits)
+        if not bool(with_image.all()):
+            loss = loss + feats[~with_image].sum() * 0.0
+        return loss
 
     def generation_loss(self, batch: GenerationBatch) -> torch.Tensor:
         cond = self.condition(batch.images, batch.prompts, keys=batch.keys, task=batch.task)  # (B, Q, caption)

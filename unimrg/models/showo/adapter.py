@@ -152,11 +152,13 @@ class Showo(UMMAdapter):
         for b in gen:
             self._check_prompts(b)
         # Every sample is conditioned on its image's CLIP features: one vision pass for all tasks.
-        # Text-only conversations (und_text) have none: their placeholder images are left out.
+        # Text-only conversations (und_text) get none; their placeholders still go through the pass
+        # and join the loss with weight 0, so every rank runs the same modules and every trainable
+        # parameter gets a gradient whatever the text/image mix (ZeRO's collectives need both).
         with_image = torch.cat([b.image_mask() if isinstance(b, UnderstandingBatch) else
-                                torch.ones(len(b), dtype=torch.bool) for b in batches])
-        images = torch.cat([b.images for b in batches])
-        feats = self.image_features(images[with_image]) if bool(with_image.any()) else None  # (N, n_clip, hidden)
+                                torch.ones(len(b), dtype=torch.bool) for b in batches]).to(device)
+        all_feats = self.image_features(torch.cat([b.images for b in batches]))  # (N, n_clip, hidden)
+        feats = all_feats[with_image]
         codes = masks = None
         if gen:
             codes = self.encode_targets(torch.cat([b.targets for b in gen]))    # (G, n_img) int64
@@ -178,7 +180,11 @@ class Showo(UMMAdapter):
         logits = self.showo.lm_head(hidden[rows, cols])                          # (M, vocab)
         ce = F.cross_entropy(logits.float(), targets, reduction="none")         # (M,)
         owner = [t for s in seqs for t in [s.task] * len(s.preds)]
-        return {t: ce[torch.tensor([o == t for o in owner], device=device)].mean() for t in tasks}
+        losses = {t: ce[torch.tensor([o == t for o in owner], device=device)].mean() for t in tasks}
+        if not bool(with_image.all()):
+            und = next(b.task for b in batches if isinstance(b, UnderstandingBatch))
+            losses[und] = losses[und] + all_feats[~with_image].sum() * 0.0
+        return losses
 
     # ---- pieces shared by training and sampling ----------------------------------------------------
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -406,11 +412,10 @@ class Showo(UMMAdapter):
         return ids.to(device), clip.to(device), valid.to(device), block.to(device)
 
     def _run_llm(self, ids: torch.Tensor, clip: torch.Tensor, valid: torch.Tensor, block: torch.Tensor,
-                 feats: torch.Tensor | None) -> torch.Tensor:
+                 feats: torch.Tensor) -> torch.Tensor:
         """Embed (CLIP features in their slots), build Show-o's mask, run the Phi body: (N, L, hidden)."""
         embeds = self.showo.get_input_embeddings()(ids)                       # (N, L, hidden)
-        if feats is not None:
-            embeds = embeds.masked_scatter(clip[..., None], feats.to(embeds.dtype))
+        embeds = embeds.masked_scatter(clip[..., None], feats.to(embeds.dtype))
         mask = attention_mask(valid, block, clip, embeds.dtype)                # (N, 1, L, L)
         return self.showo.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
 
