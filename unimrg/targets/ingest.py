@@ -281,6 +281,7 @@ class _Writer:
                 tar.abort()                                # energon cannot index an empty tar
                 (folder / name).unlink(missing_ok=True)
         except BaseException:
+            decoded.close()                                # cancels the decodes not started yet
             tar.abort()
             raise
         marker = {"digest": digest, "tar": f"{stream}/{name}" if written else None,
