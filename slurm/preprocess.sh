@@ -12,6 +12,8 @@
 # Resuming: re-submit the same array (a preempted task is requeued by itself): finished shards are
 # skipped, partial ones redone. Keep --shard-size and the SAM/depth options of a started DATA_ROOT (the
 # job refuses other ones). The array must be contiguous (0-N, optionally %throttle).
+# An image on which a task was killed twice (OOM, segfault) is skipped as "poison" by the requeued
+# task; to drop images by hand, pass `--exclude FILE` (keys or paths): finished shards stay valid.
 # Environment: DEPTH_MODEL, SAM_MODEL (local HF folders: Depth-Anything-V2-Large-hf, sam-vit-huge;
 # required), IMAGES (DATA_ROOT/images.jsonl), PYTHON (python). Extra arguments go to the job, e.g.
 #   sbatch --array=0-63%16 slurm/preprocess.sh /data/unimrg --shard-size 1000

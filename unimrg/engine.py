@@ -82,6 +82,16 @@ def resolve_ds_config(cfg: Config, plan: BatchPlan) -> dict:
     return ds
 
 
+def _check_zero3_internals(optimizer) -> None:
+    """Engine.backward's ZeRO-3 fix reads two DeepSpeed internals (0.19.8); fail loudly, not silently
+    wrong, on a DeepSpeed that renamed them."""
+    missing = [a for a in ("micro_step_id", "grad_partitions_flat_buffer") if not hasattr(optimizer, a)]
+    if missing:
+        raise RuntimeError(f"DeepSpeed {deepspeed.__version__}: the ZeRO-3 optimizer "
+                           f"{type(optimizer).__name__} has no {', '.join(missing)}; unimrg/engine.py's "
+                           f"gradient-accumulation fix (Engine.backward) needs revisiting for this version")
+
+
 def _to_device(batch, device):
     """Move a typed batch's tensors to the engine's device (dataclass fields, shallow)."""
     changes = {f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
@@ -100,6 +110,8 @@ class Engine:
             model_parameters=[p for p in model.parameters() if p.requires_grad])
         self.zero_stage = ds_config["zero_optimization"]["stage"]
         self.bf16 = ds_config.get("bf16", {}).get("enabled", False)
+        if self.zero_stage == 3:
+            _check_zero3_internals(self.ds.optimizer)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -113,6 +125,17 @@ class Engine:
         return self.ds([_to_device(b, self.device) for b in batches])
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.zero_stage == 3 and self.ds.optimizer.micro_step_id == 0:
+            # First backward of an accumulation window: clear ZeRO-3's gradient partitions. DeepSpeed's
+            # DeepSpeedZeroOptimizer_Stage3.partition_grads *copies* a parameter's reduced gradient into
+            # grad_partitions_flat_buffer only when micro_step_id == 0 and *adds* to it otherwise, and
+            # nothing zeroes that buffer after the optimizer step (zero_grad only drops param.grad). A
+            # parameter that micro-step 0 does not use (round-robin: the generation modules when the
+            # und batch comes first) thus adds its first gradient to the previous step's partition, and
+            # one unused for a whole window gets the previous step's gradient again. Zeroing here makes
+            # DeepSpeed's copy and add agree; ZeRO-1/2 zero their buffers themselves. (micro_step_id is
+            # bumped at the next forward, so it is still 0 during micro-step 0's backward.)
+            self.ds.optimizer.grad_partitions_flat_buffer.zero_()
         self.ds.backward(loss)
 
     def step(self) -> None:

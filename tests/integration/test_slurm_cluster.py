@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -49,3 +50,19 @@ def test_bring_up_is_idempotent(slurm_cluster):
     assert r.returncode == 0, r.stdout + r.stderr
     assert {p.name: p.read_text() for p in (slurm_cluster.state_dir / "run").glob("*.pid")} == pids
     assert "slurmctld + 2 slurmd up" in r.stdout
+
+
+def test_a_concurrent_sessions_cluster_runs_beside_and_stops_alone(slurm_cluster, another_slurm_cluster):
+    # two test runs on one machine: each cluster has its own ports and job ids (→ MASTER_PORTs), and
+    # stopping one leaves the other's node names resolvable (/etc/hosts)
+    other = another_slurm_cluster
+    assert other.port != slurm_cluster.port and other.first_job_id != slurm_cluster.first_job_id
+    ids = [c.run("sbatch", "--parsable", "-N1", "-t", "1", "--wrap", "true").stdout.strip()
+           for c in (slurm_cluster, other)]
+    assert [int(i) - c.first_job_id in range(1000) for c, i in zip((slurm_cluster, other), ids)] == [True, True], ids
+    assert slurm_cluster.wait(ids[0], timeout=60)["JobState"] == other.wait(ids[1], timeout=60)["JobState"] == "COMPLETED"
+    r = subprocess.run(["bash", str(REPO / "tests" / "slurm_cluster" / "stop.sh")], capture_output=True,
+                       text=True, timeout=120, env=other.env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [socket.gethostbyname(n) for n in slurm_cluster.nodes] == ["127.0.0.1"] * len(slurm_cluster.nodes)
+    test_two_nodes_run_one_task_each_and_resolve(slurm_cluster)

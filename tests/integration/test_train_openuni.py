@@ -53,10 +53,20 @@ def initial_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}, frozen
 
 
+ZERO3 = ("train.zero_stage=3", "train.ds_config=ds_configs/zero3_tiny.json")
+
+
 @pytest.fixture(scope="module")
 def zero2_run(tmp_path_factory, scene_root):
     run_dir = tmp_path_factory.mktemp("zero2")
     train(run_dir, scene_root)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, scene_root):
+    run_dir = tmp_path_factory.mktemp("zero3")
+    train(run_dir, scene_root, *ZERO3)
     return run_dir
 
 
@@ -92,22 +102,34 @@ def test_zero2_four_tasks(zero2_run):
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 4, 16)
 
 
-def test_zero3_four_tasks(tmp_path, scene_root):
-    train(tmp_path, scene_root, "train.zero_stage=3", "train.ds_config=ds_configs/zero3_tiny.json")
-    check_full_run(tmp_path)
-    assert json.loads((tmp_path / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
+def test_zero3_four_tasks_trains_as_zero2(zero3_run, zero2_run):
+    check_full_run(zero3_run)
+    assert json.loads((zero3_run / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
+    # Same data, same seed: ZeRO-3 must compute ZeRO-2's gradients, up to float reordering in the
+    # reductions (measured: 2e-7 relative). Round-robin leaves the generation modules idle at micro-step
+    # 0, and DeepSpeed's ZeRO-3 added their first gradient to the previous step's (see
+    # unimrg.engine.Engine.backward): grad norm 7.2 where ZeRO-2 has 3.6 at step 2, 9.2 vs 2.4 at step 3.
+    for rank in (0, 1):
+        z3, z2 = metrics(zero3_run, rank), metrics(zero2_run, rank)
+        assert [r["grad_norm"] for r in z3] == pytest.approx([r["grad_norm"] for r in z2], rel=1e-5)
+        for a, b in zip(z3, z2):
+            assert a["losses"] == pytest.approx(b["losses"], rel=1e-5), a["step"]
 
 
-def test_resume_latest_reproduces_uninterrupted_run(tmp_path, scene_root, zero2_run):
-    train(tmp_path, scene_root, "train.stop_after=10")
+@pytest.mark.parametrize("zero", [2, 3])
+def test_resume_latest_reproduces_uninterrupted_run(tmp_path, scene_root, zero, request):
+    reference_run = request.getfixturevalue(f"zero{zero}_run")
+    stage = ZERO3 if zero == 3 else ()
+    train(tmp_path, scene_root, *stage, "train.stop_after=10")
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000010"
     assert not (tmp_path / "final").exists()
-    train(tmp_path, scene_root, "run.resume=latest")
+    train(tmp_path, scene_root, *stage, "run.resume=latest")
     for rank in (0, 1):
         resumed = [r for r in metrics(tmp_path, rank) if r["step"] > 10]
-        reference = [r for r in metrics(zero2_run, rank) if r["step"] > 10]
+        reference = [r for r in metrics(reference_run, rank) if r["step"] > 10]
         assert [r["step"] for r in resumed] == list(range(11, 21))
         assert [r["losses"] for r in resumed] == [r["losses"] for r in reference]
+        assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in reference]
 
 
 def test_understanding_only_recipe_computes_no_generation_loss(tmp_path, scene_root):

@@ -8,8 +8,11 @@
 #
 # Idempotent: daemons that are already up are kept; a changed slurm.conf restarts the SLURM daemons.
 # Everything (configs, munge key and socket, MariaDB datadir, spool, logs, pidfiles) lives under
-# $UNIMRG_SLURM_DIR. The one thing touched outside it is a tagged line in /etc/hosts, because node
-# names must resolve: jobs compute MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1).
+# $UNIMRG_SLURM_DIR. The one thing touched outside it is a tagged line in /etc/hosts (shared by all
+# clusters on this host, removed when the last one stops), because node names must resolve: jobs compute
+# MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1). Several clusters may run at
+# once (the test fixture starts one per pytest session): give each its own directory, port block
+# (UNIMRG_SLURM_PORT) and first job id (UNIMRG_SLURM_FIRST_JOB_ID).
 # Clients need SLURM_CONF=$UNIMRG_SLURM_DIR/etc/slurm.conf (printed at the end; /etc/slurm is untouched).
 #
 # Environment (all optional):
@@ -20,6 +23,8 @@
 #   UNIMRG_SLURM_FAKE_GPUS  fake "gpu" GRES per node (char devices cloned from /dev/null), so that
 #                           `--gpus-per-node` headers are accepted and CUDA_VISIBLE_DEVICES is set [2]
 #   UNIMRG_SLURM_PORT       base port: slurmctld=P, slurmdbd=P+2, MariaDB=P+3, slurmd=P+10.. [16817]
+#   UNIMRG_SLURM_FIRST_JOB_ID  first job id of a fresh cluster; jobs take MASTER_PORT=10000+id%50000,
+#                           so concurrent clusters need disjoint id ranges [1]
 # Facts behind the settings: /work/shared/notes/slurm-local.md (verified there on Debian 12).
 set -euo pipefail
 
@@ -29,7 +34,8 @@ NODE_CPUS=${UNIMRG_SLURM_NODE_CPUS:-2}
 NODE_MEM=${UNIMRG_SLURM_NODE_MEM:-8000}
 FAKE_GPUS=${UNIMRG_SLURM_FAKE_GPUS:-2}
 PORT=${UNIMRG_SLURM_PORT:-16817}
-for v in NODES NODE_CPUS NODE_MEM FAKE_GPUS PORT; do
+FIRST_JOB_ID=${UNIMRG_SLURM_FIRST_JOB_ID:-1}
+for v in NODES NODE_CPUS NODE_MEM FAKE_GPUS PORT FIRST_JOB_ID; do
   [[ "${!v}" =~ ^[0-9]+$ ]] || { echo "[slurm_cluster] ERROR: UNIMRG_SLURM_$v=${!v}: expected a number" >&2; exit 1; }
 done
 CTLD_PORT=$PORT DBD_PORT=$((PORT + 2)) DB_PORT=$((PORT + 3)) SLURMD_PORT0=$((PORT + 10))
@@ -45,6 +51,12 @@ alive() { [ -s "$1" ] && grep -qs "$2" "/proc/$(cat "$1")/cmdline"; }
 # wait_for TRIES CMD...: retry CMD every 0.2 s; on the last try let its error through
 wait_for() { local n=$1; shift; for _ in $(seq "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done; "$@"; }
 tail_log() { echo "---- $1" >&2; tail -n 20 "$1" >&2 2>/dev/null || true; }
+stop_pid() {  # stop_pid PIDFILE NAME — by pid, never by process name
+  alive "$1" "$2" || { rm -f "$1"; return 0; }
+  local pid; pid=$(cat "$1"); kill "$pid"
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -0 "$pid" 2>/dev/null && kill -9 "$pid"; rm -f "$1"
+}
 
 [ "$(id -u)" = 0 ] || die "must run as root (it starts munged/mariadbd as their own users and edits /etc/hosts)"
 for b in munged slurmctld slurmd slurmdbd mariadbd mariadb-install-db sbatch sacctmgr; do
@@ -55,13 +67,22 @@ for i in $(seq 1 "$NODES"); do mkdir -p "$P/spool/n$i"; done
 NODELIST="n[1-$NODES]"; [ "$NODES" = 1 ] && NODELIST=n1
 
 # ---------- 1. node names resolve to loopback ----------
-hosts_line="127.0.0.1 $(for i in $(seq 1 "$NODES"); do printf 'n%s ' "$i"; done)# unimrg-slurm"
-if ! grep -qxF "$hosts_line" /etc/hosts; then
-  # /etc/hosts is often a bind mount (containers): rewrite it in place, never replace the file
-  grep -v '# unimrg-slurm$' /etc/hosts > "$P/run/hosts.tmp" || true
-  echo "$hosts_line" >> "$P/run/hosts.tmp"
-  cat "$P/run/hosts.tmp" > /etc/hosts; rm -f "$P/run/hosts.tmp"
-fi
+# All clusters on this host name their nodes n1..nN, resolved by shared lines tagged "# unimrg-slurm".
+# Lines are only appended (a single append never shows readers a half-written /etc/hosts, unlike a
+# rewrite, which would make a concurrent cluster's jobs fail to resolve their nodes); each cluster
+# registers in $HOSTS_USERS and stop.sh removes the lines when the last one stops. A host-wide lock
+# serialises the edits.
+HOSTS_TAG="# unimrg-slurm" HOSTS_USERS=/tmp/unimrg-slurm-hosts.users HOSTS_LOCK=/tmp/unimrg-slurm-hosts.lock
+(
+  flock -w 60 9 || die "timed out waiting for $HOSTS_LOCK"
+  mkdir -p "$HOSTS_USERS"; echo "$P" > "$HOSTS_USERS/$(printf %s "$P" | md5sum | cut -c1-16)"
+  have=" $({ grep -E " $HOSTS_TAG\$" /etc/hosts || true; } | sed "s/$HOSTS_TAG\$//" | tr -s ' \t' ' ' | tr '\n' ' ') "
+  need=""; for i in $(seq 1 "$NODES"); do [[ "$have" == *" n$i "* ]] || need="$need n$i"; done
+  if [ -n "$need" ]; then
+    [ -z "$(tail -c1 /etc/hosts)" ] || echo >> /etc/hosts   # the file may lack its last newline
+    echo "127.0.0.1$need $HOSTS_TAG" >> /etc/hosts
+  fi
+) 9>"$HOSTS_LOCK"
 
 # ---------- 2. slurm.conf (+ gres.conf, slurmdbd.conf) ----------
 GRES_TYPES="" NODE_GRES=""
@@ -80,6 +101,8 @@ fi
 cat > "$P/etc/slurm.conf.new" <<EOF
 # Generated by tests/slurm_cluster/start.sh — a single-host test cluster; do not edit by hand.
 ClusterName=unimrg
+# concurrent clusters on one host: disjoint job ids, hence disjoint MASTER_PORTs (launch/slurm.py)
+FirstJobId=$FIRST_JOB_ID
 SlurmctldHost=localhost
 SlurmctldPort=$CTLD_PORT
 SlurmUser=root
@@ -132,6 +155,13 @@ if ! cmp -s "$P/etc/slurm.conf.new" "$P/etc/slurm.conf"; then
 else
   rm "$P/etc/slurm.conf.new"
 fi
+# a state dir brought up again on another port block: the running daemons listen on the old ports
+if [ -s "$P/run/port" ] && [ "$(cat "$P/run/port")" != "$PORT" ]; then
+  for f in "$P"/run/slurmd-*.pid; do [ -e "$f" ] && stop_pid "$f" slurmd; done
+  stop_pid "$P/run/slurmctld.pid" slurmctld; stop_pid "$P/run/slurmdbd.pid" slurmdbd
+  stop_pid "$P/mysqlrun/mysqld.pid" mariadbd
+fi
+echo "$PORT" > "$P/run/port"
 # slurmdbd reads slurmdbd.conf from the directory of $SLURM_CONF
 cat > "$P/etc/slurmdbd.conf" <<EOF
 AuthType=auth/munge
@@ -170,10 +200,18 @@ log "munged up"
 # ---------- 4. MariaDB (private datadir, 127.0.0.1:$DB_PORT) + slurmdbd ----------
 DB=$P/mysql; DBRUN=$P/mysqlrun
 mkdir -p "$DB" "$DBRUN"; chown mysql:mysql "$DB" "$DBRUN"
-if [ ! -d "$DB/mysql" ]; then
+install_db() {
   # --no-defaults: ignore /etc/mysql/*.cnf, so a system MariaDB (if any) is neither used nor disturbed
   mariadb-install-db --no-defaults --user=mysql --datadir="$DB" --auth-root-authentication-method=socket \
-    --skip-test-db > "$P/log/mariadb-install.log" 2>&1 || { tail_log "$P/log/mariadb-install.log"; die "mariadb-install-db failed"; }
+    --skip-test-db > "$P/log/mariadb-install.log" 2>&1 && return 0
+  # its log ends in a page of generic advice: show the server's own error lines
+  grep -iE '\[error\]|error:|failed' "$P/log/mariadb-install.log" | head -n 15 >&2
+  return 1
+}
+if [ ! -d "$DB/mysql" ]; then
+  # once seen failing (1 in ~20) while three other test clusters started: one retry on a clean datadir
+  install_db || { log "mariadb-install-db failed; retrying once"; find "$DB" -mindepth 1 -delete; install_db; } \
+    || die "mariadb-install-db failed (log: $P/log/mariadb-install.log)"
 fi
 if ! alive "$DBRUN/mysqld.pid" mariadbd; then
   setsid mariadbd --no-defaults --user=mysql --datadir="$DB" --socket="$DBRUN/mysqld.sock" \
@@ -196,12 +234,6 @@ sacctmgr -n -P show cluster format=cluster | grep -qx unimrg || sacctmgr -i add 
 log "slurmdbd up"
 
 # ---------- 5. slurmctld + one slurmd per node ----------
-stop_pid() {  # stop_pid PIDFILE NAME — by pid, never by process name
-  alive "$1" "$2" || { rm -f "$1"; return 0; }
-  local pid; pid=$(cat "$1"); kill "$pid"
-  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -0 "$pid" 2>/dev/null && kill -9 "$pid"; rm -f "$1"
-}
 if [ "$CONF_CHANGED" = 1 ]; then   # node/partition changes need a restart, not `scontrol reconfigure`
   for f in "$P"/run/slurmd-*.pid; do [ -e "$f" ] && stop_pid "$f" slurmd; done
   stop_pid "$P/run/slurmctld.pid" slurmctld

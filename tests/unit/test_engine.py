@@ -3,7 +3,7 @@
 import pytest
 
 from unimrg.config import ConfigError, load_config, recipe_path, validate
-from unimrg.engine import resolve_ds_config
+from unimrg.engine import _check_zero3_internals, resolve_ds_config
 
 
 @pytest.mark.parametrize("model", ["openuni", "harmon", "showo"])
@@ -20,3 +20,13 @@ def test_json_stage_must_match_train_zero_stage():
     cfg = load_config(recipe_path("openuni", "tiny"), ["train.zero_stage=3", "train.ds_config=ds_configs/zero2.json"])
     with pytest.raises(ConfigError, match="zero_optimization.stage=2 but train.zero_stage=3"):
         resolve_ds_config(cfg, validate(cfg, dp_size=2))
+
+
+def test_zero3_fix_refuses_a_deepspeed_without_the_internals_it_patches():
+    """Engine.backward zeroes ZeRO-3's grad partitions through two DeepSpeed internals; a DeepSpeed
+    that renamed them must stop the run at engine construction, not train with stale gradients."""
+    class Renamed:
+        micro_step_id = 0
+
+    with pytest.raises(RuntimeError, match="grad_partitions_flat_buffer.*unimrg/engine.py"):
+        _check_zero3_internals(Renamed())

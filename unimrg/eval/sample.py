@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from unimrg.data.images import read_rgb
 from unimrg.tasks import DEPTH, PIX, SEG
 
 COLUMNS = ("input", DEPTH, SEG, PIX)
@@ -38,7 +39,8 @@ def load_images(paths: Sequence[str | Path], size: int) -> torch.Tensor:
     out = []
     for p in paths:
         try:
-            img = Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC)
+            # the loaders' decoder: 16-bit, CMYK, alpha and EXIF orientation as in training
+            img = read_rgb(p)[1].resize((size, size), Image.BICUBIC)
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read input image {p}: {e}") from None
         out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))

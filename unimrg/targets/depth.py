@@ -45,6 +45,26 @@ class DepthConfig:
     multiple_of: int = 14                          # ViT patch size
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet, as in the original transform
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Cap on the network's input tokens ((h'/14)·(w'/14)). The resize has no upper bound: it scales the
+    # SHORT side to 518, so a 1×700 strip would become 518×362600 (958K tokens, ~13 GB of host copies, an
+    # OOM kill). 16384 tokens admit aspect ratios up to ~12:1 (a 518×518 input is 1369 tokens).
+    max_tokens: int = 16384
+
+
+class ExtremeAspectRatio(ValueError):
+    """An image whose Depth Anything input would exceed ``DepthConfig.max_tokens``; the message is the
+    report reason ("extreme aspect ratio: ...")."""
+
+
+def check_depth_input(height: int, width: int, config: DepthConfig = DepthConfig()) -> tuple[int, int]:
+    """The network input size of an image of this size; ``ExtremeAspectRatio`` past the token cap."""
+    nh, nw = da2_input_size(height, width, config.input_size, config.multiple_of)
+    tokens = (nh // config.multiple_of) * (nw // config.multiple_of)
+    if tokens > config.max_tokens:
+        raise ExtremeAspectRatio(
+            f"extreme aspect ratio: {width}x{height} would be resized to {nw}x{nh} for Depth Anything, "
+            f"{tokens} tokens > the cap of {config.max_tokens} (--depth-max-tokens); skipped")
+    return nh, nw
 
 
 def _constrain_to_multiple_of(x: float, multiple: int, min_val: int) -> int:
@@ -151,6 +171,7 @@ class DepthTargetMaker:
     @torch.inference_mode()
     def predict(self, image: Image.Image) -> torch.Tensor:
         """Raw relative-depth prediction (h', w') at the network's input size."""
+        check_depth_input(image.height, image.width, self.config)   # before any huge allocation
         x = da2_pixel_values(image, self.config).to(self.device, self.dtype)
         return self.model(pixel_values=x).predicted_depth[0]
 

@@ -19,14 +19,11 @@ from typing import Any
 
 from PIL import Image
 
+from unimrg.data.images import MAX_IMAGE_PIXELS, UnreadableImage, decode_rgb, read_rgb  # noqa: F401 (re-exported)
+
 # PIL format → the part name the loaders accept (unimrg.data.loaders.IMAGE_PARTS). Bytes of these
 # formats are stored untouched; any other format (GIF, BMP, TIFF, ...) is re-encoded losslessly as PNG.
 STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-MAX_IMAGE_PIXELS = 100_000_000  # larger images are reported, not processed (SAM masks are H×W each)
-
-
-class UnreadableImage(ValueError):
-    """An image file that is missing, truncated or not an image; the message is the report reason."""
 
 
 def sample_key(rel_path: str) -> str:
@@ -39,36 +36,23 @@ def sample_key(rel_path: str) -> str:
 
 
 def read_image(path: str | Path) -> tuple[str, bytes, Image.Image]:
-    """(part name, bytes to store, decoded RGB image) of an image file; ``UnreadableImage`` says why not."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UnreadableImage(f"missing: {path} does not exist") from None
-    except OSError as e:
-        raise UnreadableImage(f"unreadable: {path}: {type(e).__name__}: {e}") from None
-    return decode_image_bytes(data, str(path))
+    """(part name, bytes to store, decoded RGB image) of an image file; ``UnreadableImage`` says why not.
+
+    Decoding is unimrg.data.images' (the loaders decode the stored bytes with the same function)."""
+    data, rgb = read_rgb(path)
+    return _stored(data, rgb)
 
 
 def decode_image_bytes(data: bytes, source: str) -> tuple[str, bytes, Image.Image]:
-    try:
-        img = Image.open(io.BytesIO(data))
-        fmt = img.format
-        if img.width * img.height > MAX_IMAGE_PIXELS:
-            raise UnreadableImage(f"too large: {source} is {img.width}x{img.height} "
-                                  f"(> {MAX_IMAGE_PIXELS} pixels); downscale it first")
-        img.load()  # full decode: a truncated JPEG fails here, not inside a model
-        rgb = img.convert("RGB")
-    except UnreadableImage:
-        raise
-    # PIL: UnidentifiedImageError/OSError (not an image, truncated), SyntaxError (bad PNG chunks),
-    # ValueError/EOFError (odd headers), DecompressionBombError (its own Exception subclass).
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise UnreadableImage(f"corrupt: {source}: {type(e).__name__}: {e}") from None
+    return _stored(data, decode_rgb(data, source))
+
+
+def _stored(data: bytes, rgb: Image.Image) -> tuple[str, bytes, Image.Image]:
+    fmt = Image.open(io.BytesIO(data)).format   # header only: the bytes were decoded once already
     if fmt in STORED_FORMATS:
         return STORED_FORMATS[fmt], data, rgb
     buf = io.BytesIO()
-    rgb.save(buf, format="PNG")
+    rgb.save(buf, format="PNG")   # upright 8-bit RGB: decoding it again gives the same pixels
     return "png", buf.getvalue(), rgb
 
 
