@@ -9,17 +9,26 @@ One task per GPU (or CPU rank): task i of n runs ``python -m unimrg.targets.job`
 Locally the tasks are processes on this machine; on SLURM they are the array of slurm/preprocess.sh
 (submitted with sbatch, so both paths run the same script), followed by its ``finalize`` job.
 Options after ``--`` go to unimrg.targets.job unchanged. Re-running skips finished shards.
+
+Locally, every task runs in a process group of its own that the launcher owns: when the launcher is
+killed (SIGTERM, SIGHUP) or interrupted (SIGINT, Ctrl-C) it ends every task's group (SIGTERM, then
+SIGKILL after ``STOP_GRACE_S``) before it exits, and on Linux a task also gets SIGTERM if the launcher
+dies without that chance (SIGKILL). Nothing keeps running as an orphan; re-run the command to resume.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_GRACE_S = 10.0   # a task's group gets SIGKILL this long after SIGTERM
 
 
 def job_command(args, task: int | None = None, num_tasks: int | None = None) -> list[str]:
@@ -43,20 +52,75 @@ def check(args) -> str | None:
     return None
 
 
+class _Stopped(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _die_with_launcher() -> None:
+    """In the child before exec: SIGTERM when the launcher dies, even by SIGKILL (Linux prctl)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG = 1
+
+
+def _spawn(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    # process_group=0: the task leads a new group, so ending it also ends anything it started
+    return subprocess.Popen(cmd, env=env, cwd=REPO, process_group=0, preexec_fn=_die_with_launcher)
+
+
+def end_tasks(procs: list[subprocess.Popen], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM every still-running task's process group, SIGKILL what is left after ``grace_s``."""
+    def signal_groups(sig: int) -> None:
+        for p in procs:
+            try:
+                os.killpg(p.pid, sig)   # the group outlives its leader while a child of it runs
+            except ProcessLookupError:
+                pass
+    signal_groups(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    signal_groups(signal.SIGKILL)
+    for p in procs:
+        p.wait()
+
+
 def run_local(args, num_tasks: int) -> int:
-    """All tasks as processes here (one per GPU if any), then finalize."""
-    procs = []
-    for i in range(num_tasks):
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        if args.gpus_per_node > 0:
-            env["CUDA_VISIBLE_DEVICES"] = str(i)
-        procs.append(subprocess.Popen(job_command(args, i, num_tasks), env=env, cwd=REPO))
-    failed = [i for i, p in enumerate(procs) if p.wait() != 0]
-    if failed:
-        print(f"submit.py: error: preprocessing tasks {failed} failed (see their output above); re-run the "
-              "same command to redo only unfinished shards", file=sys.stderr)
-        return 1
-    return subprocess.call(job_command(args), cwd=REPO)
+    """All tasks as processes here (one per GPU if any), then finalize; a stop signal ends them all."""
+    procs: list[subprocess.Popen] = []
+
+    def stop(signum, frame):
+        raise _Stopped(signum)
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    try:
+        for i in range(num_tasks):
+            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+            if args.gpus_per_node > 0:
+                env["CUDA_VISIBLE_DEVICES"] = str(i)
+            procs.append(_spawn(job_command(args, i, num_tasks), env=env))
+        failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+        if failed:
+            print(f"submit.py: error: preprocessing tasks {failed} failed (see their output above); re-run the "
+                  "same command to redo only unfinished shards", file=sys.stderr)
+            return 1
+        procs.append(_spawn(job_command(args)))
+        return procs[-1].wait()
+    except _Stopped as e:
+        running = sum(p.poll() is None for p in procs)
+        print(f"submit.py: {e}: ending {running} running preprocessing process(es); re-run the same command "
+              "to resume (finished shards are kept)", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    finally:
+        for s in STOP_SIGNALS:       # a second signal must not interrupt the clean-up
+            signal.signal(s, signal.SIG_IGN)
+        end_tasks(procs)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def sbatch_options(args) -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from unimrg.batching import BATCH_POLICIES, LR_SCALINGS, PLACEMENTS, BatchPlan, PlanError, plan_batch
-from unimrg.data.loaders import DataConfig
+from unimrg.data.loaders import DataConfig, und_text_ratio
 from unimrg.models import registry
 from unimrg.models.base import ModelConfig
 from unimrg.objective import ObjectiveConfig
@@ -313,6 +313,10 @@ def validate(cfg: Config, dp_size: int) -> BatchPlan:
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).exists():
         raise ConfigError(f"model.checkpoint={cfg.model.checkpoint}: no such path (give a local path "
                           "to the official weights; nothing is downloaded)")
+    try:
+        und_text_ratio(cfg.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.run.resume not in ("", "latest") and not Path(cfg.run.resume).is_dir():
         raise ConfigError(f"run.resume={cfg.run.resume}: no such checkpoint folder (or use 'latest')")
     plans = [batch_arithmetic(stage_config(cfg, s), dp_size) for _, _, s in stage_plans(cfg)]

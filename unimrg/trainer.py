@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 from unimrg import engine as eng
 from unimrg.config import Config, batch_arithmetic, stage_config, stage_plans, to_yaml, validate
-from unimrg.data.loaders import TaskLoaders
+from unimrg.data.batches import UnderstandingBatch
+from unimrg.data.loaders import UND_TEXT, TaskLoaders
 from unimrg.models.registry import build_model
 from unimrg.objective import Objective
 from unimrg.tasks import TASKS
@@ -148,6 +149,9 @@ class Trainer:
                                    cfg.model.image_size, group_rank, group_size, cfg.train.seed)
         self.streams = TaskStreams(cfg.train.seed, group_rank, self.objective)
         self.trainable = [p for p in self.engine.module.parameters() if p.requires_grad]
+        if self.loaders.text_ratio > 0:
+            self.log0(f"und stream: {self.loaders.text_ratio:.1%} text-only conversations from "
+                      f"{cfg.data.path(UND_TEXT)} (data.und_text_ratio={cfg.data.und_text_ratio})")
         self.step = 0
         self.last_losses: dict[str, float] = {}   # the last step's all-reduced per-task losses
         self.samples_seen = defaultdict(int)   # per task, this rank
@@ -225,6 +229,8 @@ class Trainer:
             self.engine.step()
             for b in batches:
                 counts[b.task] += len(b)
+                if isinstance(b, UnderstandingBatch) and self.loaders.text_ratio > 0:
+                    counts[UND_TEXT] += b.text_only()     # of counts[und]: text-only conversations
                 sums[b.task] += task_losses[b.task].item()
                 n_micro[b.task] += 1
         for t, n in counts.items():
@@ -236,12 +242,13 @@ class Trainer:
         # Per task: loss sum, ranks that ran it, samples this step, samples so far (task-parallel
         # ranks run only their group's tasks).
         tasks = self.objective.tasks
+        rows = [*tasks, UND_TEXT]   # every rank all-reduces the same rows, whatever tasks it runs
         local = torch.tensor([[losses.get(t, 0.0), float(t in losses), counts.get(t, 0), self.samples_seen[t]]
-                              for t in tasks], dtype=torch.float64)
+                              for t in rows], dtype=torch.float64)
         dist.all_reduce(local)
         mean = {t: row[0] / max(row[1], 1.0) for t, row in zip(tasks, local.tolist())}
-        global_counts = {t: int(row[2]) for t, row in zip(tasks, local.tolist())}
-        global_seen = {t: int(row[3]) for t, row in zip(tasks, local.tolist())}
+        global_counts = {t: int(row[2]) for t, row in zip(rows, local.tolist()) if t in tasks or row[2]}
+        global_seen = {t: int(row[3]) for t, row in zip(rows, local.tolist())}
         self.last_losses = mean
         total = sum(self.cfg.objective.weights[t] * mean[t] for t in tasks)
         grad_norm, lr = self.engine.grad_norm(), self.step_lr
@@ -259,6 +266,8 @@ class Trainer:
                 self.writer.add_scalar(f"loss/{t}", mean[t], self.step)
                 self.writer.add_scalar(f"samples_seen/{t}", global_seen[t], self.step)
                 self.writer.add_scalar(f"data/skipped/{t}", skipped.get(t, 0), self.step)
+            if global_seen[UND_TEXT]:
+                self.writer.add_scalar(f"samples_seen/{UND_TEXT}", global_seen[UND_TEXT], self.step)
             self.writer.add_scalar("loss/total", total, self.step)
             self.writer.add_scalar("lr", lr, self.step)
             self.writer.add_scalar("grad_norm", grad_norm, self.step)

@@ -226,3 +226,59 @@ def test_submit_py_preprocess_on_slurm(data, slurm_cluster):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "finalize job" in res.stdout and "COMPLETED" in res.stdout
     assert json.loads((root / "summary.json").read_text())["samples"] == len(SIZES)
+
+
+def _children(pid: int) -> set[int]:
+    """Live processes whose parent is ``pid`` (from /proc)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for p in pids:
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(p)
+    return alive
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_stopping_the_local_launcher_ends_its_tasks(data, sig):
+    """Killing (SIGTERM), interrupting (SIGINT) or SIGKILL-ing only the launcher leaves no task running."""
+    tmp, _, args = data
+    root = tmp / f"stopped-{sig.name}"
+    ingest(IngestConfig(llava=[str(tmp / "llava.json")], image_roots=[str(tmp / "images")], out=str(root),
+                        workers=1))
+    opts = dict(zip(args[::2], args[1::2]))
+    launcher = subprocess.Popen(
+        [sys.executable, "launch/submit.py", "--job", "preprocess", "--cluster", "local", "--out", str(root),
+         "--depth-model", opts["--depth-model"], "--sam-model", opts["--sam-model"], "--gpus-per-node", "0",
+         "--cpu-ranks-per-node", "2", "--", *JOB_OPTS],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tasks: set[int] = set()
+    deadline = time.time() + 120
+    while len(tasks) < 2 and launcher.poll() is None and time.time() < deadline:
+        tasks |= _children(launcher.pid)
+        time.sleep(0.05)
+    assert len(tasks) == 2, f"the launcher did not start two tasks: {launcher.communicate()[0][-3000:]}"
+    assert _alive(tasks) == tasks, "the tasks finished before the signal; the test would prove nothing"
+    launcher.send_signal(sig)
+    out, _ = launcher.communicate(timeout=60)
+    deadline = time.time() + 30                        # PDEATHSIG'ed tasks need a moment after a SIGKILL
+    while _alive(tasks) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(tasks), f"tasks {sorted(_alive(tasks))} outlived the launcher ({sig.name})\n{out[-3000:]}"
+    if sig != signal.SIGKILL:
+        assert launcher.returncode == 128 + sig, out[-3000:]
+        assert "running preprocessing process(es); re-run the same command to resume" in out

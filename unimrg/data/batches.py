@@ -16,15 +16,31 @@ from unimrg.tasks import UND
 
 @dataclass
 class UnderstandingBatch:
-    """LLaVA-style conversations about an image (next-token CE on the assistant turns)."""
+    """LLaVA-style conversations, about an image or text-only (next-token CE on the assistant turns)."""
 
-    images: torch.Tensor                       # (B, 3, H, W) uint8
+    images: torch.Tensor                       # (B, 3, H, W) uint8; zeros where has_image is False
     conversations: list[list[dict[str, str]]]  # per sample: [{"from": "human"|"gpt", "value": str}, ...]
     keys: list[str] = field(default_factory=list)  # sample keys, for error messages
     task: str = UND
+    # (B,) bool: False marks a text-only conversation (und_text), which the adapters train without
+    # image tokens; None = every sample has its image
+    has_image: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def image_mask(self) -> torch.Tensor:
+        """(B,) bool, True where the sample has an image."""
+        if self.has_image is None:
+            return torch.ones(len(self), dtype=torch.bool)
+        if self.has_image.shape != (len(self),):
+            raise ValueError(f"UnderstandingBatch.has_image has shape {tuple(self.has_image.shape)}, "
+                             f"expected ({len(self)},) for {len(self)} samples")
+        return self.has_image.bool().cpu()
+
+    def text_only(self) -> int:
+        """How many samples are text-only conversations."""
+        return int((~self.image_mask()).sum())
 
 
 @dataclass

@@ -109,32 +109,44 @@ def parse_record(obj: Any, *, source: str = "<record>", index: int | None = None
     return LlavaRecord(id=str(obj["id"]), image=image, conversations=turns)
 
 
-def iter_llava_file(path: str | Path) -> Iterator[LlavaRecord]:
-    """Records of a LLaVA ``.json`` (a list of records) or ``.jsonl`` (one record per line) file."""
+def iter_llava_objects(path: str | Path) -> Iterator[tuple[str, int | None, Any]]:
+    """``(source, index, obj)`` of every record of a LLaVA ``.json`` (a list of records) or ``.jsonl``
+    (one record per line) file, undecoded: ``parse_record(obj, source=source, index=index)`` checks one
+    and names it as "FILE: record I" (.json) or "FILE: line N" (.jsonl).
+
+    The file's syntax is checked here, whole: a file that cannot be read, is not valid JSON (the error
+    names the line and column) or is not a list raises ``LlavaFormatError`` before any record is given
+    out, so a caller that reads every file first fails before it writes anything."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise LlavaFormatError(f"{path}: cannot read ({e})") from e
     if path.suffix == ".jsonl":
+        out = []
         for n, line in enumerate(text.splitlines()):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                out.append((f"{path}: line {n + 1}", None, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise LlavaFormatError(f"{path}: line {n + 1} is not valid JSON ({e})") from e
-            yield parse_record(obj, source=str(path), index=n)
-        return
+                raise LlavaFormatError(f"{path}: line {n + 1} is not valid JSON ({e.msg} at column {e.colno}); "
+                                       f"fix or remove that line") from e
+        return iter(out)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise LlavaFormatError(f"{path}: not valid JSON ({e}); expected a list of LLaVA records "
-                               f"(or use a .jsonl file with one record per line)") from e
+        raise LlavaFormatError(f"{path}: not valid JSON at line {e.lineno} column {e.colno} ({e.msg}); expected a "
+                               f"list of LLaVA records (or use a .jsonl file with one record per line)") from e
     if not isinstance(data, list):
         raise LlavaFormatError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    for i, obj in enumerate(data):
-        yield parse_record(obj, source=str(path), index=i)
+    return ((str(path), i, obj) for i, obj in enumerate(data))
+
+
+def iter_llava_file(path: str | Path) -> Iterator[LlavaRecord]:
+    """Records of a LLaVA ``.json`` / ``.jsonl`` file; the first problem raises ``LlavaFormatError``."""
+    for source, index, obj in iter_llava_objects(path):
+        yield parse_record(obj, source=source, index=index)
 
 
 def load_llava_file(path: str | Path) -> list[LlavaRecord]:

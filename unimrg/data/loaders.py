@@ -11,6 +11,14 @@ decodes every part itself, because the default decoder turns a 16-bit depth PNG 
 Parts per task: und ``jpg|jpeg|png`` + ``json`` (a LLaVA record, see unimrg.data.llava); pix the
 image; depth the image + ``depth.png`` (16-bit or 8-bit grey); seg the image + ``seg.png`` (boundary map).
 
+Text-only conversations. ``ROOT/und_text`` (``<key>.json`` only: the text-only LLaVA records the
+ingestion sets apart, e.g. the ~40K ShareGPT turns of Mix-665K) is blended into the und stream
+sample by sample (Energon dataset weights, so the mix is part of the loader state and resumes
+exactly). ``data.und_text_ratio`` is the expected fraction of text-only samples: "source" (default)
+the fraction the prepared data has (its sample counts; 0 when there is no und_text), a float in
+[0, 1) for a fixed share, 0 to leave them out. Such a sample has a zero placeholder image and
+``UnderstandingBatch.has_image`` False; each adapter trains it through its text-only path.
+
 Bad input. A sample whose parts cannot be decoded (corrupt image, bad JSON, missing part) is skipped
 in the worker -- Energon keeps collecting until the batch is full -- and reported *in-band*: the batch
 carries the (key, shard, error) of every sample skipped while it was collected, so the counts are
@@ -49,14 +57,19 @@ from megatron.energon import (
     edataclass,
     get_savable_loader,
     get_train_dataset,
+    load_dataset,
     reraise_exception,
     stateless,
 )
+
+from megatron.energon.metadataset.loader_interface import DatasetBlendMode
 
 from unimrg.data import images
 from unimrg.data.batches import GenerationBatch, UnderstandingBatch
 from unimrg.data.llava import LlavaFormatError, parse_record_bytes
 from unimrg.tasks import DEPTH, PIX, SEG, TASKS, UND
+
+UND_TEXT = "und_text"   # folder of the text-only understanding records (read by the und stream)
 
 # energon's loader always asks torch for pinned memory; on a CPU-only machine torch warns at every
 # loader start. Only that message is silenced.
@@ -82,14 +95,37 @@ class DataConfig:
     scene_size: int = 64
     scene_seed: int = 0
     scene_shards: int = 2
+    # expected share of text-only samples in the und stream (ROOT/und_text): "source" = as prepared
+    # (their sample counts), a float in [0, 1), 0 = none; see the module docstring
+    und_text_ratio: str = "source"
 
     def path(self, task: str) -> Path:
+        """Dataset folder of ``task`` (or of ``und_text``, the text-only understanding records)."""
         if task in self.paths:
             return Path(self.paths[task])
         if not self.root:
             raise ValueError(f"data.root is empty and data.paths has no entry for task {task!r}; "
                              f"set data.root=DIR (generate one with: python -m unimrg.data.scenes --out DIR)")
         return Path(self.root) / task
+
+
+def _prepared(path: Path) -> bool:
+    return (path / ".nv-meta" / "dataset.yaml").is_file()
+
+
+def und_text_ratio(cfg: DataConfig) -> float | None:
+    """The configured text-only share: a float in [0, 1), or None for "source"; raises naming the field."""
+    raw = str(cfg.und_text_ratio).strip()
+    if raw == "source":
+        return None
+    try:
+        r = float(raw)
+    except ValueError:
+        r = -1.0
+    if not 0.0 <= r < 1.0:
+        raise ValueError(f"data.und_text_ratio={cfg.und_text_ratio!r}: use 'source' (the share the prepared "
+                         f"data has), a fraction in [0, 1) of text-only understanding samples, or 0 for none")
+    return r
 
 
 def check_data_paths(cfg: DataConfig, tasks: Sequence[str]) -> None:
@@ -100,10 +136,15 @@ def check_data_paths(cfg: DataConfig, tasks: Sequence[str]) -> None:
             problems.append(f"unknown task {task!r} (expected one of {TASKS})")
             continue
         p = cfg.path(task)
-        if not (p / ".nv-meta" / "dataset.yaml").is_file():
+        if not _prepared(p):
             problems.append(f"task {task!r}: {p} is not a prepared Energon dataset (no .nv-meta/dataset.yaml)")
         elif not os.access(p, os.R_OK | os.X_OK):
             problems.append(f"task {task!r}: {p} is not readable by this user")
+    ratio = und_text_ratio(cfg)
+    if UND in tasks and ratio and not _prepared(cfg.path(UND_TEXT)):
+        problems.append(f"data.und_text_ratio={ratio} but {cfg.path(UND_TEXT)} (text-only understanding records) "
+                        "is not a prepared Energon dataset; ingest them with unimrg.targets.ingest, or set "
+                        "data.und_text_ratio=source (uses them if present) / 0")
     if problems:
         raise FileNotFoundError("; ".join(problems) + ". Generate scene data with `python -m "
                                 "unimrg.data.scenes --out DIR` (or set data.scenes=N) or run `energon "
@@ -164,6 +205,7 @@ class EncodedSample(Sample):
     image: torch.Tensor                 # (3, S, S) uint8
     target: Optional[torch.Tensor]      # (1, S, S) float32 in [0, 1] (depth / seg); None otherwise
     conversation: Optional[list]        # und: [{"from", "value"}, ...]
+    has_image: bool = True              # False: a text-only und record (``image`` is a zero placeholder)
 
 
 @edataclass
@@ -171,6 +213,7 @@ class RawTaskBatch(Batch):
     images: torch.Tensor                # (B, 3, S, S) uint8
     targets: Optional[torch.Tensor]     # (B, 1, S, S) float32 (depth / seg); None otherwise
     conversations: list
+    has_image: torch.Tensor             # (B,) bool
     skipped: list                       # [(key, shard, error)] skipped while collecting this batch
 
 
@@ -256,20 +299,23 @@ class TaskEncoder(DefaultTaskEncoder[RawSample, EncodedSample, RawTaskBatch, Raw
     def _decode(self, s: RawSample) -> EncodedSample:
         parts = s.parts
         img_part = next((p for p in IMAGE_PARTS if p in parts), None)
-        if img_part is None:
-            why = " (a text-only record: UnderstandingBatch needs an image)" if "json" in parts else ""
-            raise DataDecodeError(f"no image part ({'/'.join(IMAGE_PARTS)}) among {sorted(parts)}{why}")
-        image = decode_rgb(parts[img_part], self.image_size)
         target, conversation = None, None
         if self.task == UND:
             if "json" not in parts:
                 raise DataDecodeError(f"no 'json' part (LLaVA record) among {sorted(parts)}")
             rec = parse_record_bytes(parts["json"], source=f"{_shard_of(s)}:{s.__key__}.json")
+            if not rec.has_image and img_part is None:   # text-only (und_text): a placeholder image
+                blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+                return EncodedSample.derive_from(s, image=blank, target=None, conversation=rec.conversations,
+                                                 has_image=False)
             if not rec.has_image:
                 raise DataDecodeError("the LLaVA record has no 'image' (text-only) but the sample has an "
                                       "image part; add the record's image path or drop the image")
             conversation = rec.conversations
-        elif self.task in TARGET_PART:
+        if img_part is None:
+            raise DataDecodeError(f"no image part ({'/'.join(IMAGE_PARTS)}) among {sorted(parts)}")
+        image = decode_rgb(parts[img_part], self.image_size)
+        if self.task in TARGET_PART:
             name = TARGET_PART[self.task]
             if name not in parts:
                 raise DataDecodeError(f"no {name!r} part among {sorted(parts)}")
@@ -308,6 +354,7 @@ class TaskEncoder(DefaultTaskEncoder[RawSample, EncodedSample, RawTaskBatch, Raw
             images=torch.stack([s.image for s in samples]),
             targets=None if targets is None else torch.stack([s.target for s in samples]),
             conversations=[s.conversation for s in samples],
+            has_image=torch.tensor([s.has_image for s in samples], dtype=torch.bool),
             skipped=skipped,
         )
 
@@ -329,6 +376,7 @@ class TaskLoaders:
         self.micro_batch, self.image_size = micro_batch, image_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self._skipped = {t: 0 for t in self.tasks}
+        self.text_ratio = self._resolve_text_ratio()   # expected share of text-only und samples
         self._loaders = {t: self._build(t) for t in self.tasks}
         self._iters: dict[str, Any] = {}
 
@@ -338,13 +386,45 @@ class TaskLoaders:
         wc = WorkerConfig(rank=self.rank, world_size=self.world_size, num_workers=self.cfg.num_workers,
                           seed_offset=self.seed * len(TASKS) + TASKS.index(task),
                           global_error_handler=reraise_exception)
-        ds = get_train_dataset(
-            str(self.cfg.path(task)), worker_config=wc, batch_size=self.micro_batch,
-            shuffle_buffer_size=self.cfg.shuffle_buffer_size,
-            max_samples_per_sequence=self.cfg.max_samples_per_sequence,
-            task_encoder=TaskEncoder(task, self.image_size, self.cfg.max_consecutive_failures),
-            repeat=True)
+        encoder = TaskEncoder(task, self.image_size, self.cfg.max_consecutive_failures)
+        common = dict(worker_config=wc, batch_size=self.micro_batch, shuffle_buffer_size=self.cfg.shuffle_buffer_size)
+        if task == UND and self.text_ratio > 0:
+            return get_savable_loader(self._und_blend(encoder, common))
+        ds = get_train_dataset(str(self.cfg.path(task)), max_samples_per_sequence=self.cfg.max_samples_per_sequence,
+                               task_encoder=encoder, repeat=True, **common)
         return get_savable_loader(ds)
+
+    def _und_parts(self, wc: WorkerConfig | None = None) -> list:
+        """Energon's loaded datasets of und and und_text (their lengths are the sample counts)."""
+        wc = wc or WorkerConfig(rank=self.rank, world_size=self.world_size, num_workers=self.cfg.num_workers)
+        parts = []
+        for name in (UND, UND_TEXT):
+            loaded = load_dataset(str(self.cfg.path(name))).get_datasets(
+                training=True, split_part="train", worker_config=wc, decoder=None,
+                max_samples_per_sequence=self.cfg.max_samples_per_sequence, shuffle_over_epochs_multiplier=1)
+            parts.extend(loaded.datasets)
+        return parts
+
+    def _resolve_text_ratio(self) -> float:
+        """The share of text-only und samples this run draws (0 without ROOT/und_text under "source")."""
+        ratio = und_text_ratio(self.cfg)
+        if UND not in self.tasks or ratio == 0.0:
+            return 0.0
+        if ratio is None:                  # "source": as many as the prepared data holds
+            if not _prepared(self.cfg.path(UND_TEXT)):
+                return 0.0
+            n_img, n_text = (len(p.dataset) for p in self._und_parts())
+            return n_text / (n_img + n_text)
+        return ratio
+
+    def _und_blend(self, encoder: "TaskEncoder", common: dict):
+        """und + und_text blended sample by sample with weights (1 - r, r): Energon draws the source of
+        every sample from its own (checkpointed) RNG, so the mix resumes exactly."""
+        parts = self._und_parts(common["worker_config"])
+        for part, weight in zip(parts, (1.0 - self.text_ratio, self.text_ratio)):
+            part.weight = weight
+        return encoder.build_train_datasets(datasets=parts, blend_mode=DatasetBlendMode.DATASET_WEIGHT,
+                                            repeat=True, **common)
 
     def next(self, task: str) -> UnderstandingBatch | GenerationBatch:
         if task not in self._loaders:
@@ -370,7 +450,8 @@ class TaskLoaders:
         if len(keys) != self.micro_batch:   # the promise the trainer relies on
             raise TaskDataError(f"task {task!r}: got a batch of {len(keys)}, expected {self.micro_batch}")
         if task == UND:
-            return UnderstandingBatch(images=raw.images, conversations=raw.conversations, keys=keys)
+            return UnderstandingBatch(images=raw.images, conversations=raw.conversations, keys=keys,
+                                      has_image=raw.has_image)
         if task == PIX:
             targets = raw.images.float() / 255.0
         else:
@@ -415,7 +496,7 @@ class TaskLoaders:
         return {
             "format": STATE_FORMAT,
             "num_workers": self.cfg.num_workers, "world_size": self.world_size, "rank": self.rank,
-            "micro_batch": self.micro_batch,
+            "micro_batch": self.micro_batch, "und_text_ratio": self.text_ratio,
             "loaders": {t: pickle.dumps(l.save_state_rank()) for t, l in self._loaders.items()},
             "skipped": dict(self._skipped),
         }
@@ -430,6 +511,10 @@ class TaskLoaders:
             if state[name] != now:
                 raise ValueError(f"loader state was saved with {name}={state[name]}, this run has {now}; "
                                  f"resume with the same value (data.{name} / launch settings)")
+        if UND in self.tasks and abs(state.get("und_text_ratio", 0.0) - self.text_ratio) > 1e-9:
+            raise ValueError(f"loader state was saved with a text-only und share of {state.get('und_text_ratio', 0.0):.4f}, "
+                             f"this run has {self.text_ratio:.4f}; resume with the same data.und_text_ratio and "
+                             f"the same und_text dataset")
         missing = [t for t in self.tasks if t not in state["loaders"]]
         if missing:
             raise ValueError(f"loader state has no entry for tasks {missing} (it has "

@@ -175,21 +175,33 @@ class Harmon(UMMAdapter):
 
     def understanding_loss(self, batch: UnderstandingBatch) -> torch.Tensor:
         device = self._device_dtype()[0]
+        # Text-only conversations (und_text) get no image features. The encoder still runs on every
+        # image, placeholders included, and the unused features join the loss with weight 0: every rank
+        # runs the same modules and gives every trainable parameter a gradient, as ZeRO requires.
+        with_image = batch.image_mask()
         tokens, grid = self.encode_latents(self._pixels(batch.images, device, "images"))
         _, feats = self.visual_features(tokens, grid)                          # (B, I, H)
         feats = _ScaleGrad.apply(feats, self.cfg.grad_scale)
         rest, labels, mask = self._conversation_ids(batch)                     # (B, R) each
-        embeds, attn, prefix_len = self._embed_with_image(feats, rest.to(device), mask.to(device))
-        labels = torch.cat([labels.new_full((labels.shape[0], prefix_len), IGNORE_INDEX), labels], dim=1)
+        unused = None
+        if bool(with_image.all()):
+            embeds, attn, prefix_len = self._embed_with_image(feats, rest.to(device), mask.to(device))
+            labels = torch.cat([labels.new_full((labels.shape[0], prefix_len), IGNORE_INDEX), labels], dim=1)
+        else:
+            keep = with_image.to(feats.device)
+            unused = feats[~keep].sum() * 0.0
+            embeds, attn, labels = self._embed_mixed(feats[keep], with_image, rest.to(device), mask.to(device),
+                                                     labels)
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attn, use_cache=False).last_hidden_state
         labels = labels[:, 1:].to(device)
         picked = labels >= 0
         if not bool(picked.any()):       # nothing supervised survived truncation: a zero that keeps the graph
             log.warning("Harmon understanding batch %s has no answer tokens within max_length=%d",
                         list(batch.keys)[:3], self.cfg.max_length)
-            return hidden.sum() * 0.0
+            return hidden.sum() * 0.0 + (0.0 if unused is None else unused)
         logits = self.llm.lm_head(hidden[:, :-1][picked])                      # (n, vocab), only where needed
-        return F.cross_entropy(logits.float(), labels[picked])
+        loss = F.cross_entropy(logits.float(), labels[picked])
+        return loss if unused is None else loss + unused
 
     def generation_loss(self, batch: GenerationBatch) -> torch.Tensor:
         device = self._device_dtype()[0]
@@ -285,6 +297,31 @@ class Harmon(UMMAdapter):
         attn = torch.cat([rest_mask.new_ones(b, head.numel() + n_img), rest_mask], dim=1)
         return torch.cat(parts, dim=1), attn, head.numel() + n_img
 
+    def _embed_mixed(self, feats: torch.Tensor, with_image: torch.Tensor, rest: torch.Tensor,
+                     rest_mask: torch.Tensor, labels: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_embed_with_image` for a batch where some samples are text-only: those get no feature block,
+        their text moves up to follow `<|im_start|>user\n` directly and the freed tail becomes padding.
+        ``feats`` (N, I, H) belong to the ``with_image`` rows in order (N may be 0). Returns embeddings, mask and
+        labels, all (B, P + I + R)."""
+        embeds, attn, prefix_len = self._embed_with_image(None, rest, rest_mask)    # (B, P + R, H)
+        n_img = feats.shape[1]
+        b, head = rest.shape[0], prefix_len
+        labels = torch.cat([labels.new_full((b, head), IGNORE_INDEX), labels], dim=1)
+        pad_e = embeds.new_zeros(b, n_img, embeds.shape[-1])
+        pad_a, pad_l = attn.new_zeros(b, n_img), labels.new_full((b, n_img), IGNORE_INDEX)
+        rows, j = [], 0
+        for i, has in enumerate(with_image.tolist()):
+            if has:
+                rows.append((torch.cat([embeds[i, :head], feats[j].to(embeds.dtype), embeds[i, head:]]),
+                             torch.cat([attn[i, :head], attn.new_ones(n_img), attn[i, head:]]),
+                             torch.cat([labels[i, :head], pad_l[i], labels[i, head:]])))
+                j += 1
+            else:
+                rows.append((torch.cat([embeds[i], pad_e[i]]), torch.cat([attn[i], pad_a[i]]),
+                             torch.cat([labels[i], pad_l[i]])))
+        return tuple(torch.stack(parts) for parts in zip(*rows))
+
     def _random_mask(self, b: int, n: int, device: torch.device) -> torch.Tensor:
         """MAR `random_masking`: one ratio per batch from the truncated normal, a random order per sample;
         drawn with torch's CPU generator (deterministic per torch seed, rank-local)."""
@@ -308,6 +345,7 @@ class Harmon(UMMAdapter):
         front, as xtuner's `llava_map_fn`). Returns ids, labels (B, R) long and mask (B, R) bool."""
         budget = self.cfg.max_length - len(self._encode(f"{IM_START}user\n"))
         all_ids, all_labels = [], []
+        sep = ["\n" if has else "" for has in batch.image_mask().tolist()]
         for i, conv in enumerate(batch.conversations):
             key = batch.keys[i] if i < len(batch.keys) else f"#{i}"
             ids: list[int] = []
@@ -321,8 +359,8 @@ class Harmon(UMMAdapter):
             for j, (role, value) in enumerate(dialogue_turns(conv, key)):
                 if role == "human":
                     value = value.replace("<image>", "").strip()
-                    if j == 0:
-                        add(f"\n{value}{IM_END}\n{IM_START}assistant\n", False)
+                    if j == 0:   # after the image ("<image>\n" + text), or straight after the turn head
+                        add(f"{sep[i]}{value}{IM_END}\n{IM_START}assistant\n", False)
                     else:
                         add(f"{IM_START}user\n{value}{IM_END}\n{IM_START}assistant\n", False)
                 else:

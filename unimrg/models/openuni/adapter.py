@@ -127,10 +127,25 @@ class OpenUni(UMMAdapter):
     def understanding_loss(self, batch: UnderstandingBatch) -> torch.Tensor:
         device, dtype = self._device_dtype()
         ids, labels, mask = self._conversation_ids(batch)
+        # Text-only conversations (und_text) have no image tokens, so only the others' features are
+        # placed. The vision path still runs on every image, placeholders included, and the unused
+        # features join the loss with weight 0: every rank then runs the same modules and gives every
+        # trainable parameter a gradient whatever its text/image mix, as ZeRO's collectives require.
+        with_image = batch.image_mask().to(device)
         pixel_values = self._vit_pixels(batch.images, device, dtype)        # (B, 3, 448, 448) normalised
-        out = self.lmm(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pixel_values,
+        cfg = self.lmm.config
+        image = self.lmm.model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        feats = image.pooler_output                                          # (B, image tokens, hidden)
+        image.pooler_output = feats[with_image]
+        out = self.lmm(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       mm_encoder_outputs={"image": image} if bool(with_image.any()) else None,
                        labels=labels.to(device), use_cache=False)
-        return out.loss                                                      # fp32 (HF upcasts logits)
+        loss = out.loss                                                      # fp32 (HF upcasts logits)
+        if not bool(with_image.all()):
+            loss = loss + feats[~with_image].sum() * 0.0
+        return loss
 
     def generation_loss(self, batch: GenerationBatch) -> torch.Tensor:
         cond = self.condition(batch.images, batch.prompts, keys=batch.keys, task=batch.task)  # (B, Q, caption)
@@ -363,9 +378,11 @@ class OpenUni(UMMAdapter):
         Returns input_ids, labels (B, L) long and attention mask (B, L) bool, right-padded."""
         n_img = self.arch.image_seq_length
         all_ids, all_labels = [], []
+        with_image = batch.image_mask().tolist()
         for i, conv in enumerate(batch.conversations):
             key = batch.keys[i] if i < len(batch.keys) else f"#{i}"
             ids, labels = [], []
+            has_image = with_image[i]
 
             def add(text: str, train: bool) -> None:
                 t = self._encode(text)
@@ -374,7 +391,7 @@ class OpenUni(UMMAdapter):
 
             if self.system_message:
                 add(f"{IM_START}system\n{self.system_message}{IM_END}\n", False)
-            placed = False
+            placed = not has_image        # a text-only conversation gets no image tokens
             for role, value in dialogue_turns(conv, key):
                 if role == "human":
                     if not placed:
@@ -389,7 +406,7 @@ class OpenUni(UMMAdapter):
                     add(f"{value}{IM_END}\n", True)
             if len(ids) > self.cfg.max_length:
                 ids, labels = ids[:self.cfg.max_length], labels[:self.cfg.max_length]
-                if sum(x == self.arch.internvl.image_token_id for x in ids) != n_img:
+                if has_image and sum(x == self.arch.internvl.image_token_id for x in ids) != n_img:
                     raise ValueError(f"understanding sample {key!r}: max_length={self.cfg.max_length} cuts the "
                                      "image tokens; raise model.max_length")
             if all(x == IGNORE_INDEX for x in labels):

@@ -86,7 +86,7 @@ class _Seq:
 
     task: str
     ids: list[int] = field(default_factory=list)        # CLIP slots hold the pad id (features replace them)
-    clip_start: int = -1                                # first CLIP slot
+    clip_start: int = -1                                # first CLIP slot; -1: none (a text-only conversation)
     block: tuple[int, int] = (0, 0)                     # [start, end) of the bidirectional image-token block
     preds: list[int] = field(default_factory=list)      # positions whose logits are scored
     targets: list[int] = field(default_factory=list)    # the token each of them must predict
@@ -152,7 +152,13 @@ class Showo(UMMAdapter):
         for b in gen:
             self._check_prompts(b)
         # Every sample is conditioned on its image's CLIP features: one vision pass for all tasks.
-        feats = self.image_features(torch.cat([b.images for b in batches]))      # (N, n_clip, hidden)
+        # Text-only conversations (und_text) get none; their placeholders still go through the pass
+        # and join the loss with weight 0, so every rank runs the same modules and every trainable
+        # parameter gets a gradient whatever the text/image mix (ZeRO's collectives need both).
+        with_image = torch.cat([b.image_mask() if isinstance(b, UnderstandingBatch) else
+                                torch.ones(len(b), dtype=torch.bool) for b in batches]).to(device)
+        all_feats = self.image_features(torch.cat([b.images for b in batches]))  # (N, n_clip, hidden)
+        feats = all_feats[with_image]
         codes = masks = None
         if gen:
             codes = self.encode_targets(torch.cat([b.targets for b in gen]))    # (G, n_img) int64
@@ -174,7 +180,11 @@ class Showo(UMMAdapter):
         logits = self.showo.lm_head(hidden[rows, cols])                          # (M, vocab)
         ce = F.cross_entropy(logits.float(), targets, reduction="none")         # (M,)
         owner = [t for s in seqs for t in [s.task] * len(s.preds)]
-        return {t: ce[torch.tensor([o == t for o in owner], device=device)].mean() for t in tasks}
+        losses = {t: ce[torch.tensor([o == t for o in owner], device=device)].mean() for t in tasks}
+        if not bool(with_image.all()):
+            und = next(b.task for b in batches if isinstance(b, UnderstandingBatch))
+            losses[und] = losses[und] + all_feats[~with_image].sum() * 0.0
+        return losses
 
     # ---- pieces shared by training and sampling ----------------------------------------------------
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -334,6 +344,7 @@ class Showo(UMMAdapter):
         per round (Show-o `llava_instruct_data.py`); labels on each answer and its <|endoftext|>."""
         eos = self._eos_id()
         seqs = []
+        with_image = batch.image_mask().tolist()
         for i, conv in enumerate(batch.conversations):
             key = batch.keys[i] if i < len(batch.keys) else f"#{i}"
             text, labels = [], []
@@ -351,9 +362,11 @@ class Showo(UMMAdapter):
                 raise ValueError(f"understanding sample {key!r}: no answer tokens left within "
                                  f"max_text_len={self.cfg.max_text_len}; raise model.max_text_len")
             s = _Seq(batch.task)
-            s.ids = [self.mmu_id] + (self._encode(self.system_message) if self.system_message else []) + [self.soi_id]
-            s.clip_start = len(s.ids)
-            s.ids += [self.pad_id] * self.arch.num_clip_tokens + [self.eoi_id]
+            s.ids = [self.mmu_id] + (self._encode(self.system_message) if self.system_message else [])
+            if with_image[i]:            # a text-only conversation: no <|soi|> CLIP <|eoi|> block
+                s.ids += [self.soi_id]
+                s.clip_start = len(s.ids)
+                s.ids += [self.pad_id] * self.arch.num_clip_tokens + [self.eoi_id]
             start = len(s.ids)
             s.ids += text
             s.preds = [start + j - 1 for j, t in enumerate(labels) if t != IGNORE_INDEX]
@@ -392,7 +405,8 @@ class Showo(UMMAdapter):
         block = torch.zeros(n, length, dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, :len(s.ids)] = torch.tensor(s.ids)
-            clip[i, s.clip_start:s.clip_start + nc] = True
+            if s.clip_start >= 0:
+                clip[i, s.clip_start:s.clip_start + nc] = True
             valid[i, :len(s.ids)] = True
             block[i, s.block[0]:s.block[1]] = 1
         return ids.to(device), clip.to(device), valid.to(device), block.to(device)
