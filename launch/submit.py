@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from unimrg.config import ConfigError, load_config, recipe_path, to_yaml, validate  # noqa: E402
 from unimrg.data.loaders import check_data_paths, ensure_scene_data  # noqa: E402
+from unimrg.durable import RunFolderError, check_writable  # noqa: E402
 from unimrg.models import registry  # noqa: E402
 
 
@@ -95,17 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(recipe_path(args.model, args.recipe), overrides, model=args.model)
         plan = validate(cfg, dp_size)
+        check_writable(run_dir)   # before the dry run says "valid", not as a raw OSError at submit
         if args.dry_run:
             if not cfg.data.scenes:   # a scenes recipe generates its data on the first real launch
                 check_data_paths(cfg.data, cfg.objective.tasks)
         else:
             ensure_scene_data(cfg.data, cfg.objective.tasks)
-    except (ConfigError, FileNotFoundError, KeyError) as e:
+    except (ConfigError, FileNotFoundError, KeyError, RunFolderError) as e:
         print(f"submit.py: error: {e}", file=sys.stderr)
         return 2
     print(f"{cfg.model.name} ({cfg.model.size}) {plan.describe(cfg.objective.tasks)}")
     if args.dry_run:
-        print("dry run: config, batch arithmetic and paths are valid; nothing started")
+        print("dry run: config, batch arithmetic, paths and run folder are valid; nothing started")
         return 0
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,15 +132,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_local(config_path: Path, nproc: int, gpu: bool) -> int:
-    """torchrun on this machine, one rank per GPU (or ``nproc`` CPU ranks over gloo)."""
-    env = dict(os.environ)
-    if not gpu:
-        env.setdefault("OMP_NUM_THREADS", "1")
-        env["DS_ACCELERATOR"] = "cpu"
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           "--nproc_per_node", str(nproc), str(REPO / "launch" / "train.py"), "--config", str(config_path)]
-    return subprocess.call(cmd, env=env)
+    """torchrun on this machine, one rank per GPU (or ``nproc`` CPU ranks over gloo), stopped with
+    this process (launch/local.py)."""
+    from launch.local import run_local as run
+    return run(config_path, nproc, gpu)
 
 
 def git_sha() -> str:

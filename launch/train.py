@@ -9,6 +9,8 @@ variants are recipes in launch/recipes/.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -21,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="RUN/config.yaml written by launch/submit.py")
     args = ap.parse_args(argv)
+    parent = os.environ.get("UNIMRG_RANK_PARENT_PID")   # started by launch/local.py's torchrun
+    if parent:   # it may die of SIGKILL, unable to stop this rank (which runs in a session of its own)
+        from unimrg.signals import die_with_parent
+        die_with_parent(signal.SIGKILL, int(parent))
     cfg = load_resolved(args.config)
     from unimrg.trainer import run  # after parsing: --help stays fast
     return run(cfg)

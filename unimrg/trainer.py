@@ -25,14 +25,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from unimrg import engine as eng
+from unimrg import durable, engine as eng
 from unimrg.config import Config, batch_arithmetic, stage_config, stage_plans, to_yaml, validate
 from unimrg.data.loaders import TaskLoaders
 from unimrg.models.registry import build_model
 from unimrg.objective import Objective
+from unimrg.signals import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS  # noqa: F401 (re-exported)
 
 COMPLETE = "COMPLETE"   # written into a checkpoint folder once every rank's state is on disk
-PREEMPTED_EXIT_CODE = 3  # a run that checkpointed on a signal and wants to be requeued
 
 
 def lr_lambda(cfg: Config, steps: int):
@@ -69,13 +69,19 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         # First thing: a preemption warning during start-up must not kill the rank.
-        self.stop_requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        self.stop_requested, self.stop_signal = False, ""
+        for sig in PREEMPTION_SIGNALS:
+            previous = signal.getsignal(sig)
+            if sig == signal.SIGUSR2 and callable(previous) and not isinstance(getattr(previous, "__self__", None), Trainer):
+                continue   # launch/slurm.py's TrainJob owns SIGUSR2 (to requeue) and forwards it here
             signal.signal(sig, self.on_signal)
         self.rank, self.world, self.local_rank = eng.init_distributed()
         validate(cfg, dp_size=self.world)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # Now, not at the first checkpoint 250 steps later (every rank: they fail together)
+        durable.check_writable(self.run_dir)
+        durable.check_writable(self.ckpt_dir, "checkpoint folder")
         self.resume_from = find_checkpoint(self.ckpt_dir, cfg.run.resume)
         state = self.read_state(self.resume_from) if self.resume_from else {"step": 0, "stage": 0}
 
@@ -143,7 +149,8 @@ class Trainer:
             if self.agree(self.stop_requested):
                 if self.step % cfg.train.checkpoint_every and self.step != last:
                     self.save()
-                self.log0(f"stopping at step {self.step} on a signal; resume with run.resume=latest")
+                self.log0(f"stopping at step {self.step} on a signal ({self.stop_signal or 'on another rank'}), "
+                          f"checkpoint {self.ckpt_dir / f'step_{self.step:07d}'}; resume with run.resume=latest")
                 return PREEMPTED_EXIT_CODE
         if self.step == cfg.train.steps and cfg.train.export_final:
             self.export(self.run_dir / "final" / "model.pt")
@@ -213,24 +220,50 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self) -> None:
+        """Write step_N so that it is either absent or whole on disk: into ``partial.step_N``, fsynced,
+        marked COMPLETE, renamed (an existing step_N is replaced whole, never written into), then
+        ``latest``. A write failure names the path and the cause (full disk, read-only folder)."""
         tag = f"step_{self.step:07d}"
-        folder = self.ckpt_dir / tag
-        self.engine.save(self.ckpt_dir, tag, client_state={"step": self.step, "stage": self.stage})
-        torch.save({"step": self.step, "stage": self.stage, "loaders": self.loaders.state_dict(),
-                    "objective": self.objective.state_dict(), "samples_seen": dict(self.samples_seen),
-                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                            "numpy": np.random.get_state()}},
-                   folder / f"unimrg_rank{self.rank}.pt")
-        dist.barrier()
-        if self.rank == 0:
-            # Only now is the checkpoint whole: mark it, then point `latest` at it atomically.
-            (folder / COMPLETE).write_text(f"{self.world}\n")
-            tmp = self.ckpt_dir / "latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, self.ckpt_dir / "latest")
-            older = sorted(p for p in self.ckpt_dir.glob("step_*") if p.name != tag)
-            for old in older[:max(0, len(older) - (self.cfg.train.keep_checkpoints - 1))]:
-                shutil.rmtree(old, ignore_errors=True)
+        folder, partial = self.ckpt_dir / tag, self.ckpt_dir / f"partial.{tag}"
+        try:
+            if self.rank == 0:   # a crashed save's leftovers; and no old file may survive in `partial`
+                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                for old in self.ckpt_dir.glob("partial.step_*"):
+                    shutil.rmtree(old)
+            dist.barrier()
+            self.engine.save(self.ckpt_dir, partial.name, client_state={"step": self.step, "stage": self.stage})
+            torch.save({"step": self.step, "stage": self.stage, "loaders": self.loaders.state_dict(),
+                        "objective": self.objective.state_dict(), "samples_seen": dict(self.samples_seen),
+                        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                "numpy": np.random.get_state()}},
+                       partial / f"unimrg_rank{self.rank}.pt")
+            dist.barrier()
+            if self.local_rank == 0:   # this node's page cache holds what its ranks wrote
+                durable.fsync_tree(partial)
+            dist.barrier()
+            if self.rank == 0:
+                # Only now is the checkpoint whole: mark it, publish it under its name, point `latest` at it.
+                durable.write_durably(partial / COMPLETE, f"{self.world}\n")
+                if folder.exists():   # re-saving a step (a run restarted without resume): replace it whole
+                    replaced = self.ckpt_dir / f"replaced.{tag}"
+                    shutil.rmtree(replaced, ignore_errors=True)
+                    os.replace(folder, replaced)
+                    os.replace(partial, folder)
+                    shutil.rmtree(replaced)
+                else:
+                    os.replace(partial, folder)
+                durable.fsync_path(self.ckpt_dir)
+                durable.write_durably(self.ckpt_dir / "latest", tag)
+                older = sorted(p for p in self.ckpt_dir.glob("step_*") if p.name != tag)
+                for old in older[:max(0, len(older) - (self.cfg.train.keep_checkpoints - 1))]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except (OSError, RuntimeError) as e:
+            if not isinstance(e, OSError) and not any(m in str(e) for m in ("writ", "iostream", "Parent directory")):
+                raise   # not a file-system failure (torch.save reports those as RuntimeError)
+            latest = find_checkpoint(self.ckpt_dir, "latest") if self.ckpt_dir.is_dir() else None
+            shutil.rmtree(partial, ignore_errors=True)   # give the space back; older checkpoints stay
+            raise durable.RunFolderError(durable.describe_write_error(
+                e, partial, self.ckpt_dir, str(latest) if latest else None)) from e
         dist.barrier()
 
     def read_state(self, folder: Path) -> dict:
@@ -270,6 +303,7 @@ class Trainer:
     def on_signal(self, signum, frame) -> None:
         # Only set a flag: checkpointing mid-step would tear the accumulation.
         self.stop_requested = True
+        self.stop_signal = self.stop_signal or signal.Signals(signum).name
 
     def agree(self, flag: bool) -> bool:
         """True on every rank if any rank saw a stop signal."""

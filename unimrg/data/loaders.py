@@ -25,6 +25,7 @@ log and drop it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import pickle
 import warnings
@@ -55,6 +56,7 @@ from megatron.energon import (
 from unimrg.data import images
 from unimrg.data.batches import GenerationBatch, UnderstandingBatch
 from unimrg.data.llava import LlavaFormatError, parse_record_bytes
+from unimrg.signals import data_worker_init
 from unimrg.tasks import DEPTH, PIX, SEG, TASKS, UND
 
 # energon's loader always asks torch for pinned memory; on a CPU-only machine torch warns at every
@@ -341,7 +343,11 @@ class TaskLoaders:
             max_samples_per_sequence=self.cfg.max_samples_per_sequence,
             task_encoder=TaskEncoder(task, self.image_size, self.cfg.max_consecutive_failures),
             repeat=True)
-        return get_savable_loader(ds)
+        loader = get_savable_loader(ds)
+        # energon passes no worker_init_fn through: wrap its own (workers must survive a preemption
+        # signal so that the rank can checkpoint; unimrg/signals.py)
+        loader.worker_init_fn = functools.partial(data_worker_init, loader.worker_init_fn)
+        return loader
 
     def next(self, task: str) -> UnderstandingBatch | GenerationBatch:
         if task not in self._loaders:
