@@ -83,11 +83,12 @@ def check_writable(folder: Path, what: str = "run folder") -> None:
                              "it read-write), or choose another folder (--run-dir / run.dir)") from e
 
 
-def describe_write_error(e: BaseException, writing: Path, folder: Path, latest: str | None) -> str:
-    """What to tell the user when writing ``writing`` (under ``folder``) failed with ``e``.
+def describe_write_error(e: BaseException, writing: Path, folder: Path, latest: str | None) -> str | None:
+    """What to tell the user when writing ``writing`` (under ``folder``) failed with ``e``; None if
+    ``e`` is no OSError and the file system is neither full nor read-only (not a write failure).
 
-    torch.save reports a full disk as a bare C++ stream error ("basic_ios::clear: iostream error",
-    "PytorchStreamWriter failed writing file"), without errno; so the file system is asked."""
+    torch.save reports a full disk as a bare C++ error ("basic_ios::clear: iostream error",
+    "unexpected pos 73728 vs 73622"), without errno; so the file system is asked."""
     code = getattr(e, "errno", None)
     resume = (f"the last complete checkpoint is {latest}; resume from it with run.resume=latest"
               if latest else "no complete checkpoint was written yet")
@@ -101,6 +102,8 @@ def describe_write_error(e: BaseException, writing: Path, folder: Path, latest: 
     if code in (errno.EROFS, errno.EACCES, errno.EPERM) or not os.access(_existing(writing), os.W_OK):
         return (f"cannot write checkpoint {writing}: {folder} is not writable ({e}). Make it writable (or "
                 f"remount it read-write), or point run.dir at a writable folder; {resume}")
+    if not isinstance(e, OSError):
+        return None
     return f"writing checkpoint {writing} failed: {type(e).__name__}: {e}; {resume}"
 
 

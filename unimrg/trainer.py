@@ -257,13 +257,13 @@ class Trainer:
                 older = sorted(p for p in self.ckpt_dir.glob("step_*") if p.name != tag)
                 for old in older[:max(0, len(older) - (self.cfg.train.keep_checkpoints - 1))]:
                     shutil.rmtree(old, ignore_errors=True)
-        except (OSError, RuntimeError) as e:
-            if not isinstance(e, OSError) and not any(m in str(e) for m in ("writ", "iostream", "Parent directory")):
-                raise   # not a file-system failure (torch.save reports those as RuntimeError)
+        except (OSError, RuntimeError) as e:   # torch.save reports write failures as RuntimeError
             latest = find_checkpoint(self.ckpt_dir, "latest") if self.ckpt_dir.is_dir() else None
+            msg = durable.describe_write_error(e, partial, self.ckpt_dir, str(latest) if latest else None)
+            if msg is None:
+                raise
             shutil.rmtree(partial, ignore_errors=True)   # give the space back; older checkpoints stay
-            raise durable.RunFolderError(durable.describe_write_error(
-                e, partial, self.ckpt_dir, str(latest) if latest else None)) from e
+            raise durable.RunFolderError(msg) from e
         dist.barrier()
 
     def read_state(self, folder: Path) -> dict:
