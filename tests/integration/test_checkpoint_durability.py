@@ -63,7 +63,7 @@ def test_read_only_checkpoint_folder_stops_the_run_at_start(tmp_path, scene_root
     assert not (run / "metrics").exists()   # stopped before the first step
 
 
-def test_full_disk_during_a_checkpoint_names_the_path_and_keeps_the_last_one(tmp_path, scene_root, tmpfs):
+def test_full_disk_during_a_checkpoint_names_the_path_and_frees_the_partial_folder(tmp_path, scene_root, tmpfs):
     run = tmpfs(tmp_path / "run", size="1m")   # room for the run's files, not for a 3 MB checkpoint
     r = submit(run, scene_root, "train.steps=2")
     out = r.stdout + r.stderr
