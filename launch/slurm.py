@@ -18,6 +18,8 @@ handler (unimrg/trainer.py sets a flag; at the next optimizer-step boundary all 
 checkpoint and leave with ``PREEMPTED_EXIT_CODE``); then rank 0 lets submitit call
 :meth:`TrainJob.checkpoint` and ``scontrol requeue`` the job. The requeued job (same id,
 SLURM_RESTART_COUNT > 0) resumes from ``latest``. Requeues are bounded by ``--max-requeues``.
+SIGTERM (``scontrol requeue``, preemption, ``scancel``) reaches every process of the job: the trainer
+saves the same way (loader workers ignore it, unimrg/signals.py) and SLURM requeues the job itself.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ resume may still change, and how they are recorded).
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ sys.path.insert(0, str(REPO))
 from unimrg import runfolder  # noqa: E402
 from unimrg.config import ConfigError, check_inputs, load_config, plan_report, recipe_path, validate  # noqa: E402
 from unimrg.data.loaders import check_data_paths, ensure_scene_data  # noqa: E402
+from unimrg.durable import RunFolderError, check_writable  # noqa: E402
 from unimrg.models import registry  # noqa: E402
 
 DEFAULT_MODEL, DEFAULT_RECIPE = "openuni", "tiny"
@@ -123,12 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         check_inputs(cfg)
         if args.gpu_mem_gb is not None:
             check_memory(cfg, args)
+        check_writable(run_dir)   # before the dry run says "valid", not as a raw OSError at submit
         if args.dry_run:
             if not cfg.data.scenes:   # a scenes recipe generates its data on the first real launch
                 check_data_paths(cfg.data, cfg.objective.tasks)
         else:
             ensure_scene_data(cfg.data, cfg.objective.tasks)
-    except (ConfigError, FileNotFoundError, KeyError) as e:
+    except (ConfigError, FileNotFoundError, KeyError, RunFolderError) as e:
         print(f"submit.py: error: {e}", file=sys.stderr)
         return 2
     print(f"{cfg.model.name} ({cfg.model.size}) {plan.describe(cfg.objective.tasks)}")
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
               f"config.yaml" + "".join(f"; amended {a['field']}: {a['from']!r} -> {a['to']!r} from step "
                                        f"{a['after_step'] + 1}" for a in amendments))
     if args.dry_run:
-        print("dry run: config, batch arithmetic and paths are valid; nothing started")
+        print("dry run: config, batch arithmetic, paths and run folder are valid; nothing started")
         return 0
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -191,15 +192,10 @@ def check_memory(cfg, args) -> None:
 
 
 def run_local(config_path: Path, nproc: int, gpu: bool) -> int:
-    """torchrun on this machine, one rank per GPU (or ``nproc`` CPU ranks over gloo)."""
-    env = dict(os.environ)
-    if not gpu:
-        env.setdefault("OMP_NUM_THREADS", "1")
-        env["DS_ACCELERATOR"] = "cpu"
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           "--nproc_per_node", str(nproc), str(REPO / "launch" / "train.py"), "--config", str(config_path)]
-    return subprocess.call(cmd, env=env)
+    """torchrun on this machine, one rank per GPU (or ``nproc`` CPU ranks over gloo), stopped with
+    this process (launch/local.py)."""
+    from launch.local import run_local as run
+    return run(config_path, nproc, gpu)
 
 
 def git_sha() -> str:

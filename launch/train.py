@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))   # what unimrg.engine reads
+    parent = os.environ.get("UNIMRG_RANK_PARENT_PID")   # started by launch/local.py's torchrun
+    if parent:   # it may die of SIGKILL, unable to stop this rank (which runs in a session of its own)
+        from unimrg.signals import die_with_parent
+        die_with_parent(signal.SIGKILL, int(parent))
     cfg = load_resolved(args.config)
     from unimrg.trainer import run  # after parsing: --help stays fast
     return run(cfg)

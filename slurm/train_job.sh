@@ -7,9 +7,12 @@ MAX_REQUEUES=${MAX_REQUEUES:-5}
 PYTHON=${PYTHON:-python}
 
 # SLURM's time-limit warning (--signal above): remembered here, forwarded to the ranks in step 3
-signalled=0 srun_pid="" code=1
+signalled=0 terminated=0 srun_pid="" code=1
 trap 'signalled=1; echo "$(date +%T) SIGUSR1: the ranks checkpoint and stop"
       if [ -n "$srun_pid" ]; then kill -USR1 "$srun_pid" 2>/dev/null || true; fi' USR1
+# SIGTERM (scontrol requeue, preemption, scancel, the time limit's end) reaches every rank from SLURM
+# itself: wait for them to checkpoint rather than end the job under them; SLURM requeues (or not) itself.
+trap 'terminated=1; echo "$(date +%T) SIGTERM: the ranks checkpoint and stop"' TERM
 
 cd "${SLURM_SUBMIT_DIR:-.}"
 NODES=$SLURM_JOB_NUM_NODES
@@ -49,7 +52,7 @@ fi
 # 3. One task per GPU, all running the per-rank entry point; a failing rank ends the step (-K).
 #    SLURM's warning signal reaches this script only (B:); the trap above passes it to srun, which
 #    forwards it to every rank: the trainer finishes its optimizer step, all ranks save, they exit.
-if [ "$signalled" = 0 ]; then   # (a signal during step 1 skips training: requeue straight away)
+if [ "$signalled" = 0 ] && [ "$terminated" = 0 ]; then   # (a signal during step 1 skips training)
   srun --kill-on-bad-exit=1 bash -c \
     'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec "$PYTHON" launch/train.py --config "$CONFIG"' &
   srun_pid=$!

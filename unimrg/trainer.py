@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from unimrg import engine as eng
+from unimrg import durable, engine as eng
 from unimrg.config import Config, batch_arithmetic, stage_config, stage_plans, to_yaml, validate
 from unimrg.data.batches import UnderstandingBatch
 from unimrg.data.loaders import UND_TEXT, TaskLoaders
@@ -34,8 +34,7 @@ from unimrg.models.registry import build_model
 from unimrg.objective import Objective
 from unimrg.tasks import TASKS
 from unimrg.runfolder import COMPLETE, check_checkpoint_config, find_checkpoint
-
-PREEMPTED_EXIT_CODE = 3  # a run that checkpointed on a signal and wants to be requeued
+from unimrg.signals import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS  # noqa: F401 (re-exported)
 
 
 def lr_lambda(cfg: Config, steps: int):
@@ -102,13 +101,19 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         # First thing: a preemption warning during start-up must not kill the rank.
-        self.stop_requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        self.stop_requested, self.stop_signal = False, ""
+        for sig in PREEMPTION_SIGNALS:
+            previous = signal.getsignal(sig)
+            if sig == signal.SIGUSR2 and callable(previous) and not isinstance(getattr(previous, "__self__", None), Trainer):
+                continue   # launch/slurm.py's TrainJob owns SIGUSR2 (to requeue) and forwards it here
             signal.signal(sig, self.on_signal)
         self.rank, self.world, self.local_rank = eng.init_distributed()
         validate(cfg, dp_size=self.world)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # Now, not at the first checkpoint 250 steps later (every rank: they fail together)
+        durable.check_writable(self.run_dir)
+        durable.check_writable(self.ckpt_dir, "checkpoint folder")
         self.resume_from = find_checkpoint(self.ckpt_dir, cfg.run.resume)
         if self.resume_from is not None:
             check_checkpoint_config(self.resume_from, cfg)   # e.g. launch/train.py on an edited config
@@ -191,7 +196,8 @@ class Trainer:
             if self.agree(self.stop_requested):
                 if self.step % cfg.train.checkpoint_every and self.step != last:
                     self.save()
-                self.log0(f"stopping at step {self.step} on a signal; resume with run.resume=latest")
+                self.log0(f"stopping at step {self.step} on a signal ({self.stop_signal or 'on another rank'}), "
+                          f"checkpoint {self.ckpt_dir / f'step_{self.step:07d}'}; resume with run.resume=latest")
                 self.summary("preempted")
                 return PREEMPTED_EXIT_CODE
         final = None
@@ -299,26 +305,52 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self) -> None:
+        """Write step_N so that it is either absent or whole on disk: into ``partial.step_N``, fsynced,
+        marked COMPLETE, renamed (an existing step_N is replaced whole, never written into), then
+        ``latest``. A write failure names the path and the cause (full disk, read-only folder)."""
         tag = f"step_{self.step:07d}"
-        folder = self.ckpt_dir / tag
-        self.engine.save(self.ckpt_dir, tag, client_state={"step": self.step, "stage": self.stage})
-        torch.save({"step": self.step, "stage": self.stage, "loaders": self.loaders.state_dict(),
-                    "objective": self.objective.state_dict(), "samples_seen": dict(self.samples_seen),
-                    "task_rng": self.streams.state_dict(),
-                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                            "numpy": np.random.get_state()}},
-                   folder / f"unimrg_rank{self.rank}.pt")
-        dist.barrier()
-        if self.rank == 0:
-            # Only now is the checkpoint whole: mark it, then point `latest` at it atomically.
-            (folder / "config.yaml").write_text(to_yaml(self.full_cfg))   # what a resume must continue
-            (folder / COMPLETE).write_text(f"{self.world}\n")
-            tmp = self.ckpt_dir / "latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, self.ckpt_dir / "latest")
-            older = sorted(p for p in self.ckpt_dir.glob("step_*") if p.name != tag)
-            for old in older[:max(0, len(older) - (self.cfg.train.keep_checkpoints - 1))]:
-                shutil.rmtree(old, ignore_errors=True)
+        folder, partial = self.ckpt_dir / tag, self.ckpt_dir / f"partial.{tag}"
+        try:
+            if self.rank == 0:   # a crashed save's leftovers; and no old file may survive in `partial`
+                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                for old in self.ckpt_dir.glob("partial.step_*"):
+                    shutil.rmtree(old)
+            dist.barrier()
+            self.engine.save(self.ckpt_dir, partial.name, client_state={"step": self.step, "stage": self.stage})
+            torch.save({"step": self.step, "stage": self.stage, "loaders": self.loaders.state_dict(),
+                        "objective": self.objective.state_dict(), "samples_seen": dict(self.samples_seen),
+                        "task_rng": self.streams.state_dict(),
+                        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                "numpy": np.random.get_state()}},
+                       partial / f"unimrg_rank{self.rank}.pt")
+            dist.barrier()
+            if self.local_rank == 0:   # this node's page cache holds what its ranks wrote
+                durable.fsync_tree(partial)
+            dist.barrier()
+            if self.rank == 0:
+                # Only now is the checkpoint whole: mark it, publish it under its name, point `latest` at it.
+                durable.write_durably(partial / "config.yaml", to_yaml(self.full_cfg))   # what a resume must continue
+                durable.write_durably(partial / COMPLETE, f"{self.world}\n")
+                if folder.exists():   # re-saving a step (a run restarted without resume): replace it whole
+                    replaced = self.ckpt_dir / f"replaced.{tag}"
+                    shutil.rmtree(replaced, ignore_errors=True)
+                    os.replace(folder, replaced)
+                    os.replace(partial, folder)
+                    shutil.rmtree(replaced)
+                else:
+                    os.replace(partial, folder)
+                durable.fsync_path(self.ckpt_dir)
+                durable.write_durably(self.ckpt_dir / "latest", tag)
+                older = sorted(p for p in self.ckpt_dir.glob("step_*") if p.name != tag)
+                for old in older[:max(0, len(older) - (self.cfg.train.keep_checkpoints - 1))]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except (OSError, RuntimeError) as e:   # torch.save reports write failures as RuntimeError
+            latest = find_checkpoint(self.ckpt_dir, "latest") if self.ckpt_dir.is_dir() else None
+            msg = durable.describe_write_error(e, partial, self.ckpt_dir, str(latest) if latest else None)
+            if msg is None:
+                raise
+            shutil.rmtree(partial, ignore_errors=True)   # give the space back; older checkpoints stay
+            raise durable.RunFolderError(msg) from e
         dist.barrier()
 
     def read_state(self, folder: Path) -> dict:
@@ -376,6 +408,7 @@ class Trainer:
     def on_signal(self, signum, frame) -> None:
         # Only set a flag: checkpointing mid-step would tear the accumulation.
         self.stop_requested = True
+        self.stop_signal = self.stop_signal or signal.Signals(signum).name
 
     def agree(self, flag: bool) -> bool:
         """True on every rank if any rank saw a stop signal."""

@@ -33,6 +33,7 @@ log and drop it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import pickle
@@ -67,6 +68,7 @@ from megatron.energon.metadataset.loader_interface import DatasetBlendMode
 from unimrg.data import images
 from unimrg.data.batches import GenerationBatch, UnderstandingBatch
 from unimrg.data.llava import LlavaFormatError, parse_record_bytes
+from unimrg.signals import data_worker_init
 from unimrg.tasks import DEPTH, PIX, SEG, TASKS, UND
 
 UND_TEXT = "und_text"   # folder of the text-only understanding records (read by the und stream)
@@ -389,10 +391,15 @@ class TaskLoaders:
         encoder = TaskEncoder(task, self.image_size, self.cfg.max_consecutive_failures)
         common = dict(worker_config=wc, batch_size=self.micro_batch, shuffle_buffer_size=self.cfg.shuffle_buffer_size)
         if task == UND and self.text_ratio > 0:
-            return get_savable_loader(self._und_blend(encoder, common))
-        ds = get_train_dataset(str(self.cfg.path(task)), max_samples_per_sequence=self.cfg.max_samples_per_sequence,
-                               task_encoder=encoder, repeat=True, **common)
-        return get_savable_loader(ds)
+            loader = get_savable_loader(self._und_blend(encoder, common))
+        else:
+            loader = get_savable_loader(get_train_dataset(
+                str(self.cfg.path(task)), max_samples_per_sequence=self.cfg.max_samples_per_sequence,
+                task_encoder=encoder, repeat=True, **common))
+        # energon passes no worker_init_fn through: wrap its own (workers must survive a preemption
+        # signal so that the rank can checkpoint; unimrg/signals.py)
+        loader.worker_init_fn = functools.partial(data_worker_init, loader.worker_init_fn)
+        return loader
 
     def _und_parts(self, wc: WorkerConfig | None = None) -> list:
         """Energon's loaded datasets of und and und_text (their lengths are the sample counts)."""
