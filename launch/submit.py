@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from unimrg.config import ConfigError, load_config, recipe_path, to_yaml, validate  # noqa: E402
+from unimrg.config import ConfigError, load_config, recipe_path, shape_report, to_yaml, validate  # noqa: E402
 from unimrg.data.loaders import check_data_paths, ensure_scene_data  # noqa: E402
 from unimrg.models import registry  # noqa: E402
 
@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(recipe_path(args.model, args.recipe), overrides, model=args.model)
         plan = validate(cfg, dp_size)
+        print(f"{cfg.model.name} ({cfg.model.size}) {plan.describe(cfg.objective.tasks)}")
+        stage_tasks = [t for s in cfg.train.stages for t in s.tasks]
+        print(shape_report(cfg, list(dict.fromkeys([*cfg.objective.tasks, *stage_tasks]))), flush=True)
         if args.dry_run:
             if not cfg.data.scenes:   # a scenes recipe generates its data on the first real launch
                 check_data_paths(cfg.data, cfg.objective.tasks)
@@ -103,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, KeyError) as e:
         print(f"submit.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"{cfg.model.name} ({cfg.model.size}) {plan.describe(cfg.objective.tasks)}")
     if args.dry_run:
         print("dry run: config, batch arithmetic and paths are valid; nothing started")
         return 0

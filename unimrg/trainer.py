@@ -107,7 +107,8 @@ class Trainer:
                                  lr_lambda(cfg, self.stage_end - self.stage_start))
         self.objective = Objective(cfg.objective, seed=cfg.train.seed + self.rank)
         self.loaders = TaskLoaders(cfg.data, self.objective.tasks, cfg.train.micro_batch_per_task,
-                                   cfg.model.image_size, self.rank, self.world, cfg.train.seed)
+                                   cfg.model.image_size, self.rank, self.world, cfg.train.seed,
+                                   target_size=cfg.model.target_size)
         self.step = 0
         self.samples_seen = defaultdict(int)   # per task, this rank
         self.writer = None
