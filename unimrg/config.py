@@ -271,6 +271,8 @@ def validate(cfg: Config, dp_size: int) -> BatchPlan:
         raise ConfigError(f"model.checkpoint={cfg.model.checkpoint}: no such path (give a local path "
                           "to the official weights; nothing is downloaded)")
     check_resolution(cfg.model)
+    if cfg.model.smoke and cfg.model.size != "full":
+        raise ConfigError(f"model.smoke=true narrows the full architecture; model.size={cfg.model.size!r} must be 'full'")
     if cfg.run.resume not in ("", "latest") and not Path(cfg.run.resume).is_dir():
         raise ConfigError(f"run.resume={cfg.run.resume}: no such checkpoint folder (or use 'latest')")
     plans = [batch_arithmetic(stage_config(cfg, s), dp_size) for _, _, s in stage_plans(cfg)]

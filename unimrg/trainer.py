@@ -111,6 +111,9 @@ class Trainer:
                                    target_size=cfg.model.target_size)
         self.step = 0
         self.samples_seen = defaultdict(int)   # per task, this rank
+        # Each task's batch shapes as the adapter received them, logged with this stage's first step
+        # (the paper-shape smoke tests check them; a wrong resolution or batch shows at a glance).
+        self.batch_shapes: dict[str, dict] | None = {}
         self.writer = None
         if self.rank == 0:
             self.write_run_files()
@@ -164,6 +167,9 @@ class Trainer:
         for micro in range(self.plan.grad_accum):
             batches = [self.objective.add_prompts(self.loaders.next(t))
                        for t in self.objective.micro_step_tasks(micro)]
+            if self.batch_shapes is not None:
+                for b in batches:
+                    self.batch_shapes.setdefault(b.task, batch_shapes(b))
             task_losses = self.engine(batches)
             self.engine.backward(self.objective.total(task_losses))
             self.engine.step()
@@ -187,8 +193,9 @@ class Trainer:
         skipped = self.loaders.skipped()
         print(json.dumps({"step": self.step, "stage": self.stage + 1, "losses": losses, "total": sum(
             self.cfg.objective.weights[t] * losses[t] for t in tasks), "samples": counts,
-            "global_losses": mean, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}),
-            file=self.metrics, flush=True)
+            "global_losses": mean, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
+            | ({"batch_shapes": self.batch_shapes} if self.batch_shapes else {})), file=self.metrics, flush=True)
+        self.batch_shapes = None
         if self.rank != 0:
             return
         if self.writer is not None:
@@ -291,6 +298,18 @@ class Trainer:
             self.writer.close()
         self.metrics.close()
         dist.barrier()
+
+
+def batch_shapes(b) -> dict:
+    """Shapes and dtypes of a task batch's tensors (and its prompt count), JSON-ready."""
+    out = {"images": [*b.images.shape, str(b.images.dtype).removeprefix("torch.")]}
+    targets = getattr(b, "targets", None)
+    if targets is not None:
+        out["targets"] = [*targets.shape, str(targets.dtype).removeprefix("torch.")]
+        out["prompts"] = len(b.prompts)
+    else:
+        out["conversations"] = len(b.conversations)
+    return out
 
 
 def run(cfg: Config) -> int:

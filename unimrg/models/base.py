@@ -30,6 +30,9 @@ class ModelConfig:
     target_size: int = 0               # generation targets (pix / depth / seg), float
     # A full-size run whose sizes differ from the native ones is refused unless this is true.
     non_native_resolution: bool = False
+    # Paper-shape smoke runs only (tests/integration/test_paper_shapes.py): the full architecture's
+    # resolutions, token counts, vocabulary and latent grids with 1-2 layers per stack and narrow widths.
+    smoke: bool = False
 
 
 @dataclass

@@ -51,7 +51,7 @@ from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 from unimrg.data.batches import GenerationBatch, UnderstandingBatch
 from unimrg.data.llava import dialogue_turns
 from unimrg.models.base import ModelConfig, Resolution, UMMAdapter
-from unimrg.models.harmon.arch import ENDOFTEXT, IM_END, IM_START, TINY_SPECIAL_TOKENS, HarmonArch, arch_for
+from unimrg.models.harmon.arch import ENDOFTEXT, IM_END, IM_START, TINY_SPECIAL_TOKENS, HarmonArch, arch_for, smoke
 from unimrg.models.harmon.mar import MAR
 from unimrg.models.harmon.vae import VAE_STRIDE, load_vae
 from unimrg.models.official_io import KeyReport, load_checked, read_state_dict, write_state_dict
@@ -141,6 +141,8 @@ class Harmon(UMMAdapter):
             vocab = -(-len(self.tokenizer) // 16) * 16
         arch = arch_for(cfg.size, llm_path=cfg.llm_path, vocab_size=vocab,
                         num_sampling_steps=cfg.num_sampling_steps)
+        if cfg.smoke:
+            arch = smoke(arch)
         self.arch: HarmonArch = arch
         self.llm = Qwen2ForCausalLM(arch.llm)
         hidden, width = arch.llm.hidden_size, arch.mar["width"]

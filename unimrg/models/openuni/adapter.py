@@ -30,7 +30,7 @@ from unimrg.models.base import ModelConfig, Resolution, UMMAdapter
 from unimrg.models.official_io import KeyReport
 from unimrg.models.openuni.arch import (
     ENDOFTEXT, IM_END, IM_START, IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT, IMG_END, IMG_START, INTERNVL_SYSTEM,
-    NUM_TRAIN_TIMESTEPS, OpenUniArch, arch_for)
+    NUM_TRAIN_TIMESTEPS, OpenUniArch, arch_for, smoke)
 
 IGNORE_INDEX = -100
 TINY_SPECIAL_TOKENS = (IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, ENDOFTEXT)
@@ -89,6 +89,8 @@ class OpenUni(UMMAdapter):
             arch = arch_for("tiny", vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT))
         else:
             arch = arch_for(cfg.size)
+        if cfg.smoke:
+            arch = smoke(arch)
         self.arch: OpenUniArch = arch
         if tok is not None:
             _check_tokenizer(tok, arch, cfg.tokenizer or cfg.internvl_path)

@@ -32,7 +32,7 @@ from unimrg.data.llava import dialogue_turns
 from unimrg.models.base import ModelConfig, Resolution, UMMAdapter
 from unimrg.models.official_io import KeyReport, load_checked, read_state_dict, write_state_dict
 from unimrg.models.showo.arch import (
-    CLIP_MEAN, CLIP_STD, ENDOFTEXT, EOI, MMU, NEW_SPECIAL_TOKENS, PAD, SOI, SYSTEM_PROMPT, T2I, ShowoArch, arch_for)
+    CLIP_MEAN, CLIP_STD, ENDOFTEXT, EOI, MMU, NEW_SPECIAL_TOKENS, PAD, SOI, SYSTEM_PROMPT, T2I, ShowoArch, arch_for, smoke)
 from unimrg.models.showo.magvit import MagvitV2
 
 IGNORE_INDEX = -100
@@ -104,6 +104,8 @@ class Showo(UMMAdapter):
         self.tokenizer = build_tokenizer(cfg)
         llm_vocab = len(self.tokenizer) - len(NEW_SPECIAL_TOKENS) if cfg.size == "tiny" else 0
         self.arch: ShowoArch = arch_for(cfg.size, cfg.codebook_size, llm_vocab)
+        if cfg.smoke:
+            self.arch = smoke(self.arch)
         if self.tokenizer is not None:
             _check_tokenizer(self.tokenizer, self.arch, cfg.tokenizer)
         self.system_message = (SYSTEM_PROMPT if cfg.size == "full" else "") \
