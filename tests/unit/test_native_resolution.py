@@ -60,3 +60,37 @@ def test_dry_run_prints_resolution_tokens_and_sequences(scene_root):
     r = run_submit(["--model", "showo", "--recipe", "paper", "--nodes", "1", "--gpus-per-node", "8",
                     "--dry-run", f"data.root={scene_root}", "model.image_size=56"], timeout=120)
     assert r.returncode == 2 and "model.non_native_resolution=true" in r.stderr
+
+
+def test_smoke_architectures_keep_the_release_shapes():
+    """model.smoke narrows depth and width only: every number that sets a resolution, a token count, a
+    vocabulary or a latent grid is the release's (the paper-shape smoke runs rely on it)."""
+    from unimrg.models.harmon import arch as H
+    from unimrg.models.openuni import arch as O
+    from unimrg.models.showo import arch as S
+
+    full, sm = O.arch_for("full"), O.smoke(O.arch_for("full"))
+    for a in (full, sm):
+        a.shapes = (a.vit_image_size, a.gen_image_size, a.image_seq_length, a.num_queries,
+                    a.internvl.vision_config.image_size, a.internvl.vision_config.patch_size,
+                    a.internvl.downsample_ratio, a.internvl.text_config.vocab_size, a.internvl.image_token_id,
+                    a.sana["in_channels"], a.sana["sample_size"], a.sana["patch_size"], a.vae["latent_channels"],
+                    O.vae_downsample(a.vae))
+    assert sm.shapes == full.shapes and sm.internvl.text_config.num_hidden_layers == 1
+
+    full, sm = S.arch_for("full", 8192), S.smoke(S.arch_for("full", 8192))
+    for a in (full, sm):
+        a.shapes = (a.num_clip_tokens, a.num_image_tokens, a.vocab_size, a.clip.image_size, a.magvit.resolution,
+                    a.magvit.codebook_dim, a.phi.vocab_size, a.phi.max_position_embeddings)
+    assert sm.shapes == full.shapes and sm.phi.num_hidden_layers == 1
+
+    full, sm = H.arch_for("full"), H.smoke(H.arch_for("full"))
+    for a in (full, sm):
+        a.shapes = (a.llm.vocab_size, a.vae["latent_channels"], len(a.vae["block_out_channels"]), a.mar["class_num"])
+    assert sm.shapes == full.shapes and sm.mar["depth"] == 1 and sm.llm.num_hidden_layers == 1
+
+
+def test_smoke_is_for_the_full_architecture():
+    cfg = load_config(recipe_path("openuni", "tiny"), ["run.dir=/tmp/x", "model.smoke=true"])
+    with pytest.raises(ConfigError, match="model.smoke=true"):
+        validate(cfg, dp_size=2)
