@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from unimrg import runfolder  # noqa: E402
-from unimrg.config import ConfigError, check_inputs, load_config, plan_report, recipe_path, validate  # noqa: E402
+from unimrg.config import (ConfigError, check_inputs, load_config, plan_report, recipe_path,  # noqa: E402
+                           shape_report, validate)
 from unimrg.data.loaders import check_data_paths, ensure_scene_data  # noqa: E402
 from unimrg.durable import RunFolderError, check_writable  # noqa: E402
 from unimrg.models import registry  # noqa: E402
@@ -120,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             amendments, ckpt = [], None
             kind = "restart" if (run_dir / "config.yaml").is_file() else "first"
         plan = validate(cfg, dp_size)
+        print(f"{cfg.model.name} ({cfg.model.size}) {plan.describe(cfg.objective.tasks)}")
+        stage_tasks = [t for s in cfg.train.stages for t in s.tasks]
+        print(shape_report(cfg, list(dict.fromkeys([*cfg.objective.tasks, *stage_tasks]))), flush=True)
         check_inputs(cfg)
         if args.gpu_mem_gb is not None:
             check_memory(cfg, args)
@@ -132,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, KeyError, RunFolderError) as e:
         print(f"submit.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"{cfg.model.name} ({cfg.model.size}) {plan.describe(cfg.objective.tasks)}")
     if args.dry_run:   # the batch plan for this GPU count, stage by stage
         print("\n".join(plan_report(cfg, dp_size)))
     if kind == "resume":

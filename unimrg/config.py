@@ -142,7 +142,44 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = (), mod
     except Exception as e:  # omegaconf names the offending key; add where it came from
         raise ConfigError(f"{recipe or 'defaults'} + overrides {list(overrides)}: {e}") from None
     merged.model.name = name
-    return OmegaConf.to_object(merged)
+    cfg = OmegaConf.to_object(merged)
+    resolve_resolution(cfg.model)
+    return cfg
+
+
+def resolve_resolution(model) -> None:
+    """Fill ``model.image_size`` / ``model.target_size`` left at 0 with the adapter's native sizes, so
+    the resolved config (what every rank reads) states the numbers the loaders use."""
+    res = registry.adapter_class(model.name).resolve_resolution(model)
+    model.image_size, model.target_size = res.image, res.target
+
+
+def check_resolution(model) -> None:
+    """A full-size model runs at its checkpoint's resolution unless the recipe says otherwise on purpose."""
+    if model.size != "full" or model.non_native_resolution:
+        return
+    native = registry.adapter_class(model.name).native_resolution(model)
+    if (model.image_size, model.target_size) != (native.image, native.target):
+        raise ConfigError(
+            f"model.image_size={model.image_size} / model.target_size={model.target_size}, but the released "
+            f"{model.name} checkpoint runs at {native.image} (input images) / {native.target} (generation "
+            f"targets): the loaders would resize every image and target to a size the model was not trained "
+            f"at. Leave both unset (0 = native), or set model.non_native_resolution=true to run at other sizes")
+
+
+def shape_report(cfg: Config, tasks: list[str]) -> str:
+    """Per task: the sides the loaders deliver and the model's tokens per sample / sequence lengths."""
+    cls = registry.adapter_class(cfg.model.name)
+    m = cfg.model
+    lines = [f"resolution: input images {m.image_size} px, generation targets {m.target_size} px "
+             f"(native {cls.native_resolution(m).image} / {cls.native_resolution(m).target})"]
+    per_task = cfg.train.micro_batch_per_task
+    for t in tasks:
+        shapes = f"images ({per_task}, 3, {m.image_size}, {m.image_size})" + (
+            "" if t == "und" else f", targets ({per_task}, 3, {m.target_size}, {m.target_size})")
+        plan = ", ".join(f"{k} {v}" for k, v in cls.sequence_plan(m, t).items())
+        lines.append(f"  {t:5s} {shapes}; {plan}")
+    return "\n".join(lines)
 
 
 def to_yaml(cfg: Config) -> str:
@@ -155,9 +192,11 @@ def load_resolved(path: str | Path) -> Config:
     name = raw.model.name
     schema = OmegaConf.structured(Config(model=registry.config_class(name)(name=name)))
     try:
-        return OmegaConf.to_object(OmegaConf.merge(schema, raw))
+        cfg = OmegaConf.to_object(OmegaConf.merge(schema, raw))
     except Exception as e:
         raise ConfigError(f"{path}: {e}") from None
+    resolve_resolution(cfg.model)
+    return cfg
 
 
 def batch_arithmetic(cfg: Config, dp_size: int) -> BatchPlan:
@@ -317,6 +356,9 @@ def validate(cfg: Config, dp_size: int) -> BatchPlan:
         und_text_ratio(cfg.data)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_resolution(cfg.model)
+    if cfg.model.smoke and cfg.model.size != "full":
+        raise ConfigError(f"model.smoke=true narrows the full architecture; model.size={cfg.model.size!r} must be 'full'")
     if cfg.run.resume not in ("", "latest") and not Path(cfg.run.resume).is_dir():
         raise ConfigError(f"run.resume={cfg.run.resume}: no such checkpoint folder (or use 'latest')")
     plans = [batch_arithmetic(stage_config(cfg, s), dp_size) for _, _, s in stage_plans(cfg)]

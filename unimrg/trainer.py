@@ -151,7 +151,8 @@ class Trainer:
         self.my_tasks = self.plan.rank_tasks(self.rank)
         group_rank, group_size = self.plan.rank_in_group(self.rank), self.plan.group_size
         self.loaders = TaskLoaders(cfg.data, self.my_tasks, self.plan.micro_per_task,
-                                   cfg.model.image_size, group_rank, group_size, cfg.train.seed)
+                                   cfg.model.image_size, group_rank, group_size, cfg.train.seed,
+                                   target_size=cfg.model.target_size)
         self.streams = TaskStreams(cfg.train.seed, group_rank, self.objective)
         self.trainable = [p for p in self.engine.module.parameters() if p.requires_grad]
         if self.loaders.text_ratio > 0:
@@ -160,6 +161,9 @@ class Trainer:
         self.step = 0
         self.last_losses: dict[str, float] = {}   # the last step's all-reduced per-task losses
         self.samples_seen = defaultdict(int)   # per task, this rank
+        # Each task's batch shapes as the adapter received them, logged with this stage's first step
+        # (the paper-shape smoke tests check them; a wrong resolution or batch shows at a glance).
+        self.batch_shapes: dict[str, dict] | None = {}
         self.writer = None
         if self.rank == 0:
             self.write_run_files()
@@ -224,6 +228,9 @@ class Trainer:
             tasks = self.plan.micro_step_tasks(self.rank, micro)
             with self.streams(tasks):
                 batches = [self.objective.add_prompts(self.loaders.next(t)) for t in tasks]
+                if self.batch_shapes is not None:
+                    for b in batches:
+                        self.batch_shapes.setdefault(b.task, batch_shapes(b))
                 task_losses = self.engine(batches)
             loss = self.objective.total(task_losses) * self.plan.loss_scale
             if self.plan.placement == "task_parallel" and micro == self.plan.grad_accum - 1:
@@ -263,8 +270,9 @@ class Trainer:
         print(json.dumps({"step": self.step, "stage": self.stage + 1, "losses": losses, "total": sum(
             self.cfg.objective.weights[t] * losses[t] for t in losses), "samples": counts,
             "global_losses": mean, "global_samples": global_counts, "lr": lr, "grad_norm": grad_norm,
-            "skipped": skipped}),
+            "skipped": skipped} | ({"batch_shapes": self.batch_shapes} if self.batch_shapes else {})),
             file=self.metrics, flush=True)
+        self.batch_shapes = None
         if self.rank != 0:
             return
         if self.writer is not None:
@@ -429,6 +437,18 @@ class Trainer:
             self.writer.close()
         self.metrics.close()
         dist.barrier()
+
+
+def batch_shapes(b) -> dict:
+    """Shapes and dtypes of a task batch's tensors (and its prompt count), JSON-ready."""
+    out = {"images": [*b.images.shape, str(b.images.dtype).removeprefix("torch.")]}
+    targets = getattr(b, "targets", None)
+    if targets is not None:
+        out["targets"] = [*targets.shape, str(targets.dtype).removeprefix("torch.")]
+        out["prompts"] = len(b.prompts)
+    else:
+        out["conversations"] = len(b.conversations)
+    return out
 
 
 def run(cfg: Config) -> int:

@@ -35,10 +35,11 @@ def loaders():
     """Factory of TaskLoaders that closes them all at teardown (see TaskLoaders.close for why)."""
     made = []
 
-    def make(root, tasks=TASKS, micro_batch=4, image_size=SIZE, rank=0, world_size=1, num_workers=0, **kw):
+    def make(root, tasks=TASKS, micro_batch=4, image_size=SIZE, rank=0, world_size=1, num_workers=0,
+             target_size=None, **kw):
         cfg = DataConfig(root=str(root), num_workers=num_workers, **kw)
         made.append(TaskLoaders(cfg, tasks, micro_batch=micro_batch, image_size=image_size, rank=rank,
-                                world_size=world_size, seed=1))
+                                world_size=world_size, seed=1, target_size=target_size))
         return made[-1]
 
     yield make
@@ -107,6 +108,21 @@ def test_resized_targets_stay_in_range_and_binary(root, loaders):
     assert d.images.shape == (4, 3, 24, 24) and d.targets.shape == (4, 3, 24, 24)
     assert 0 <= float(d.targets.min()) and float(d.targets.max()) <= 1
     assert set(torch.unique(s.targets).tolist()) <= {0.0, 1.0} and s.targets.max() == 1.0
+
+
+def test_images_and_targets_come_at_their_own_sizes(root, loaders):
+    """A model with two resolutions (OpenUni: InternViT 448 in, SANA 512 out) gets its input images at
+    image_size and every target, the pixel-reconstruction one included, decoded at target_size."""
+    tl = loaders(root, image_size=24, target_size=40)
+    assert tl.next("und").images.shape == (4, 3, 24, 24)
+    first = {}
+    for task in ("pix", "depth", "seg"):
+        first[task] = b = tl.next(task)
+        assert b.images.shape == (4, 3, 24, 24) and b.targets.shape == (4, 3, 40, 40), task
+    b = first["pix"]
+    # From the source bytes, not an upsampled 24-px input: equal to the images of a 40-px loader.
+    same = loaders(root, tasks=("pix",), image_size=40).next("pix")
+    assert same.keys == b.keys and torch.equal(b.targets, same.images.float() / 255)
 
 
 def test_ranks_read_disjoint_shards(root, loaders):

@@ -1,7 +1,8 @@
 """Typed batches: what a loader yields for one task, and what a model adapter consumes.
 
-Images travel as uint8 at the loader's ``image_size``; each adapter resizes and normalises for its
-own encoders (InternViT 448, SANA 512, ...), so the data layer never knows a model. Generation
+Images travel as uint8 at the loader's ``image_size``, generation targets at its ``target_size``
+(by default the model's native sizes, e.g. OpenUni's InternViT 448 and SANA 512); each adapter still
+resizes (a no-op at the native sizes) and normalises for its own encoders. Generation
 targets are float in [0, 1] because depth maps are stored at 16 bits and must not be rounded to 8.
 """
 
@@ -48,8 +49,9 @@ class GenerationBatch:
     """Generate ``targets`` from ``images`` (pix: the image itself; depth / seg: its maps)."""
 
     task: str                    # "pix" | "depth" | "seg"
-    images: torch.Tensor         # (B, 3, H, W) uint8, the input (condition) image
-    targets: torch.Tensor        # (B, 3, H, W) float32 in [0, 1], what to generate (depth / seg: 3 equal channels)
+    images: torch.Tensor         # (B, 3, H, W) uint8, the input (condition) image at model.image_size
+    targets: torch.Tensor        # (B, 3, T, T) float32 in [0, 1] at model.target_size, what to generate
+                                 # (depth / seg: 3 equal channels)
     prompts: list[str] = field(default_factory=list)  # filled by the objective; "" = unconditional
     keys: list[str] = field(default_factory=list)
 

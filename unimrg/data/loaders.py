@@ -204,8 +204,9 @@ def cook_raw(sample: dict) -> RawSample:
 
 @edataclass
 class EncodedSample(Sample):
-    image: torch.Tensor                 # (3, S, S) uint8
-    target: Optional[torch.Tensor]      # (1, S, S) float32 in [0, 1] (depth / seg); None otherwise
+    image: torch.Tensor                 # (3, S, S) uint8, S = image_size
+    target: Optional[torch.Tensor]      # (C, T, T) float32 in [0, 1], T = target_size (pix C=3, depth / seg
+                                        # C=1); None for und
     conversation: Optional[list]        # und: [{"from", "value"}, ...]
     has_image: bool = True              # False: a text-only und record (``image`` is a zero placeholder)
 
@@ -213,7 +214,7 @@ class EncodedSample(Sample):
 @edataclass
 class RawTaskBatch(Batch):
     images: torch.Tensor                # (B, 3, S, S) uint8
-    targets: Optional[torch.Tensor]     # (B, 1, S, S) float32 (depth / seg); None otherwise
+    targets: Optional[torch.Tensor]     # (B, C, T, T) float32 (pix C=3, depth / seg C=1); None for und
     conversations: list
     has_image: torch.Tensor             # (B,) bool
     skipped: list                       # [(key, shard, error)] skipped while collecting this batch
@@ -289,11 +290,12 @@ class TaskEncoder(DefaultTaskEncoder[RawSample, EncodedSample, RawTaskBatch, Raw
 
     cookers = [Cooker(cook_raw)]
 
-    def __init__(self, task: str, image_size: int, max_consecutive_failures: int):
+    def __init__(self, task: str, image_size: int, max_consecutive_failures: int, target_size: int | None = None):
         super().__init__()
         self.decoder = None  # raw bytes reach cook_raw; see the module docstring
         self.task = task
         self.image_size = image_size
+        self.target_size = target_size or image_size
         self.max_consecutive_failures = max_consecutive_failures
         self._skipped: list[tuple[str, str, str]] = []
         self._failure_run = 0
@@ -322,7 +324,11 @@ class TaskEncoder(DefaultTaskEncoder[RawSample, EncodedSample, RawTaskBatch, Raw
             if name not in parts:
                 raise DataDecodeError(f"no {name!r} part among {sorted(parts)}")
             decode = decode_depth if self.task == DEPTH else decode_boundary
-            target = decode(parts[name], self.image_size)
+            target = decode(parts[name], self.target_size)
+        elif self.task == PIX:
+            # Decoded again at the generation side from the source bytes (never an upsampled input image).
+            pix = image if self.target_size == self.image_size else decode_rgb(parts[img_part], self.target_size)
+            target = pix.float() / 255.0
         return EncodedSample.derive_from(s, image=image, target=target, conversation=conversation)
 
     @stateless
@@ -367,8 +373,9 @@ class TaskLoaders:
     """One Energon savable loader per task: every micro-batch of task t has exactly micro_batch samples."""
 
     def __init__(self, cfg: DataConfig, tasks: Sequence[str], micro_batch: int, image_size: int,
-                 rank: int, world_size: int, seed: int):
-        """Args: rank / world_size are the *data-parallel* ones; seed offsets the shuffling."""
+                 rank: int, world_size: int, seed: int, target_size: int | None = None):
+        """Args: rank / world_size are the *data-parallel* ones; seed offsets the shuffling; images come
+        at ``image_size``, generation targets at ``target_size`` (default ``image_size``)."""
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         if not 0 <= rank < world_size:
@@ -376,6 +383,7 @@ class TaskLoaders:
         check_data_paths(cfg, tasks)
         self.cfg, self.tasks = cfg, tuple(tasks)
         self.micro_batch, self.image_size = micro_batch, image_size
+        self.target_size = target_size or image_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self._skipped = {t: 0 for t in self.tasks}
         self.text_ratio = self._resolve_text_ratio()   # expected share of text-only und samples
@@ -388,7 +396,7 @@ class TaskLoaders:
         wc = WorkerConfig(rank=self.rank, world_size=self.world_size, num_workers=self.cfg.num_workers,
                           seed_offset=self.seed * len(TASKS) + TASKS.index(task),
                           global_error_handler=reraise_exception)
-        encoder = TaskEncoder(task, self.image_size, self.cfg.max_consecutive_failures)
+        encoder = TaskEncoder(task, self.image_size, self.cfg.max_consecutive_failures, self.target_size)
         common = dict(worker_config=wc, batch_size=self.micro_batch, shuffle_buffer_size=self.cfg.shuffle_buffer_size)
         if task == UND and self.text_ratio > 0:
             loader = get_savable_loader(self._und_blend(encoder, common))
@@ -459,10 +467,7 @@ class TaskLoaders:
         if task == UND:
             return UnderstandingBatch(images=raw.images, conversations=raw.conversations, keys=keys,
                                       has_image=raw.has_image)
-        if task == PIX:
-            targets = raw.images.float() / 255.0
-        else:
-            targets = raw.targets.expand(-1, 3, -1, -1).contiguous()  # (B, 3, S, S), equal channels
+        targets = raw.targets.expand(-1, 3, -1, -1).contiguous()  # (B, 3, T, T); depth / seg: equal channels
         return GenerationBatch(task=task, images=raw.images, targets=targets, keys=keys)
 
     def close(self) -> None:

@@ -55,6 +55,8 @@ def build_model(name: str, overrides: Sequence[str], state_dict: str | None, dev
     cfg = OmegaConf.merge(OmegaConf.structured(cls(name=name)),
                           OmegaConf.from_dotlist([o[len("model."):] for o in overrides]))
     cfg = OmegaConf.to_object(cfg)
+    from unimrg.config import resolve_resolution
+    resolve_resolution(cfg)   # image_size 0 = the model's native input side
     model = registry.build_model(cfg)
     if state_dict:
         from unimrg.models.official_io import read_state_dict

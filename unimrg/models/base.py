@@ -25,7 +25,23 @@ class ModelConfig:
     size: str = "tiny"                 # "tiny" (random init, tests/demo) | "full" (the released architecture)
     checkpoint: str | None = None      # local path to official weights, loaded by ``load_official``
     init: str = "official"             # "official": full size needs model.checkpoint; "random": no weights, on purpose
-    image_size: int = 56               # side the loaders resize images to (uint8)
+    # Resolutions the loaders deliver; 0 = the adapter's native one (its released checkpoint's, see
+    # ``UMMAdapter.native_resolution``), filled in by ``resolve_resolution`` when the config is loaded.
+    image_size: int = 0                # input images (understanding + generation condition), uint8
+    target_size: int = 0               # generation targets (pix / depth / seg), float
+    # A full-size run whose sizes differ from the native ones is refused unless this is true.
+    non_native_resolution: bool = False
+    # Paper-shape smoke runs only (tests/integration/test_paper_shapes.py): the full architecture's
+    # resolutions, token counts, vocabulary and latent grids with 1-2 layers per stack and narrow widths.
+    smoke: bool = False
+
+
+@dataclass
+class Resolution:
+    """Sides in pixels: what the understanding encoder reads and what the generator produces."""
+
+    image: int
+    target: int
 
 
 class UMMAdapter(nn.Module, abc.ABC):
@@ -50,6 +66,25 @@ class UMMAdapter(nn.Module, abc.ABC):
     def _encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without the tokenizer's own BOS/EOS (chat formats add their own)."""
         return self._tok()(text, add_special_tokens=False).input_ids
+
+    # ---- shapes --------------------------------------------------------------------------------
+    @classmethod
+    def native_resolution(cls, cfg: ModelConfig) -> Resolution:
+        """The resolution of the released checkpoint at ``cfg.size`` (understanding input, generation
+        target). Each adapter cites where its numbers come from."""
+        raise NotImplementedError(f"{cls.__name__} does not declare its native resolution")
+
+    @classmethod
+    def resolve_resolution(cls, cfg: ModelConfig) -> Resolution:
+        """The sizes a run uses: ``cfg.image_size`` / ``cfg.target_size``, or the native ones where 0."""
+        native = cls.native_resolution(cfg)
+        return Resolution(cfg.image_size or native.image, cfg.target_size or native.target)
+
+    @classmethod
+    def sequence_plan(cls, cfg: ModelConfig, task: str) -> dict[str, int]:
+        """Per-sample token counts of ``task`` at ``cfg``'s resolution (upper bounds where text is
+        truncated), e.g. ``{"image tokens": 256, "sequence ≤": 2048}``; printed by ``--dry-run``."""
+        return {}
 
     # ---- the losses --------------------------------------------------------------------------
     @abc.abstractmethod

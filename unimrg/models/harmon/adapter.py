@@ -50,8 +50,8 @@ from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 
 from unimrg.data.batches import GenerationBatch, UnderstandingBatch
 from unimrg.data.llava import dialogue_turns
-from unimrg.models.base import ModelConfig, UMMAdapter
-from unimrg.models.harmon.arch import ENDOFTEXT, IM_END, IM_START, TINY_SPECIAL_TOKENS, HarmonArch, arch_for
+from unimrg.models.base import ModelConfig, Resolution, UMMAdapter
+from unimrg.models.harmon.arch import ENDOFTEXT, IM_END, IM_START, TINY_SPECIAL_TOKENS, HarmonArch, arch_for, smoke
 from unimrg.models.harmon.mar import MAR
 from unimrg.models.harmon.vae import VAE_STRIDE, load_vae
 from unimrg.models.official_io import KeyReport, load_checked, read_state_dict, write_state_dict
@@ -141,6 +141,8 @@ class Harmon(UMMAdapter):
             vocab = -(-len(self.tokenizer) // 16) * 16
         arch = arch_for(cfg.size, llm_path=cfg.llm_path, vocab_size=vocab,
                         num_sampling_steps=cfg.num_sampling_steps)
+        if cfg.smoke:
+            arch = smoke(arch)
         self.arch: HarmonArch = arch
         self.llm = Qwen2ForCausalLM(arch.llm)
         hidden, width = arch.llm.hidden_size, arch.mar["width"]
@@ -162,6 +164,29 @@ class Harmon(UMMAdapter):
         self.mar.diffloss.net.grad_checkpointing = enabled
 
     # ---- protocol ------------------------------------------------------------------------------
+    @classmethod
+    def native_resolution(cls, cfg: HarmonConfig) -> Resolution:
+        # Full: 512 px for both directions: the official scripts run `--image_size 512` (wusize/Harmon
+        # README: scripts/image2text.py and text2image.py with harmon_1.5b.pth), and UniMRG's Harmon code
+        # hard-codes (512/16)² + 64 image tokens. Tiny: 64 (the tiny recipe's).
+        side = 512 if cfg.size == "full" else 64
+        return Resolution(side, side)
+
+    @classmethod
+    def resolve_resolution(cls, cfg: HarmonConfig) -> Resolution:
+        # One resolution for both directions: the model encodes images and targets at image_size.
+        side = cfg.image_size or cls.native_resolution(cfg).image
+        return Resolution(side, cfg.target_size or side)
+
+    @classmethod
+    def sequence_plan(cls, cfg: HarmonConfig, task: str) -> dict[str, int]:
+        tokens = (cfg.image_size // VAE_STRIDE) ** 2 + cfg.buffer_size
+        if task == "und":
+            return {"image tokens": tokens, "text tokens ≤": cfg.max_length,
+                    "sequence ≤": tokens + cfg.max_length}
+        return {"condition image tokens": tokens, "target tokens": tokens, "prompt tokens ≤": cfg.max_prompt_length,
+                "LLM sequence ≤ (+ chat markers)": 2 * tokens + cfg.max_prompt_length}
+
     def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
         # MAR's weight-decay rule (LTH14/mar util/misc.py `add_weight_decay`), which Harmon's optimizer
         # builder follows: no decay on 1-D parameters (norms), biases, or anything in the diffusion head.

@@ -42,6 +42,23 @@ def qwen25_15b_config() -> Qwen2Config:
         eos_token_id=151645)
 
 
+def smoke(arch: HarmonArch) -> HarmonArch:
+    """Paper-shape smoke runs (``model.smoke=true``, README "Paper-shape smoke runs"): the release's shapes
+    -- the KL-16 VAE's five levels (stride 16, 16 latent channels), MAR's token grid and buffers (set by
+    HarmonConfig), the 151,936-token vocabulary -- with one layer per stack and narrow widths."""
+    llm = arch.llm
+    # Two heads each: attention over 16 × 2,300 tokens (LLM) and 16 × 1,088 (MAR, with dropout: the
+    # probabilities are materialised) dominates a CPU step; head counts do not change any shape.
+    llm.hidden_size, llm.num_attention_heads, llm.num_key_value_heads, llm.intermediate_size = 64, 2, 2, 128
+    llm.head_dim, llm.num_hidden_layers = 32, 1
+    if getattr(llm, "layer_types", None):
+        llm.layer_types = llm.layer_types[:1]
+    arch.mar.update(width=32, depth=1, heads=2, diffloss_width=32, diffloss_depth=1)
+    arch.vae = kl16_kwargs("tiny")    # same levels, stride and latent channels; 8-32 channels, 1 block each
+    arch.published_millions = {}
+    return arch
+
+
 def arch_for(size: str, *, llm_path: str | None = None, vocab_size: int | None = None,
              num_sampling_steps: str = "100") -> HarmonArch:
     if size == "full":

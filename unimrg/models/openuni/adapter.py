@@ -26,11 +26,11 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
 from unimrg.data.batches import GenerationBatch, UnderstandingBatch
 from unimrg.data.llava import dialogue_turns
-from unimrg.models.base import ModelConfig, UMMAdapter
+from unimrg.models.base import ModelConfig, Resolution, UMMAdapter
 from unimrg.models.official_io import KeyReport
 from unimrg.models.openuni.arch import (
     ENDOFTEXT, IM_END, IM_START, IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT, IMG_END, IMG_START, INTERNVL_SYSTEM,
-    NUM_TRAIN_TIMESTEPS, OpenUniArch, arch_for)
+    NUM_TRAIN_TIMESTEPS, OpenUniArch, arch_for, smoke)
 
 IGNORE_INDEX = -100
 TINY_SPECIAL_TOKENS = (IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, ENDOFTEXT)
@@ -89,6 +89,8 @@ class OpenUni(UMMAdapter):
             arch = arch_for("tiny", vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT))
         else:
             arch = arch_for(cfg.size)
+        if cfg.smoke:
+            arch = smoke(arch)
         self.arch: OpenUniArch = arch
         if tok is not None:
             _check_tokenizer(tok, arch, cfg.tokenizer or cfg.internvl_path)
@@ -115,6 +117,25 @@ class OpenUni(UMMAdapter):
         self._schedule: tuple[torch.Tensor, torch.Tensor] | None = None  # built lazily (meta-safe)
 
     # ---- protocol ------------------------------------------------------------------------------
+    @classmethod
+    def native_resolution(cls, cfg: OpenUniConfig) -> Resolution:
+        # Full: InternViT reads 448 px (wusize/OpenUni `src/models/openuni/internvl3_sana_hf.py`,
+        # `vit_input_size=448`); SANA-1600M-512px generates 512 px (`configs/datasets/internvl3_2b_512/
+        # processors.py`, `image_size = 512`). Tiny: the tiny arch's sizes.
+        arch = arch_for(cfg.size, vocab_size=1, image_token_id=0)
+        return Resolution(arch.vit_image_size, arch.gen_image_size)
+
+    @classmethod
+    def sequence_plan(cls, cfg: OpenUniConfig, task: str) -> dict[str, int]:
+        # The adapter brings any loader size to the encoders' own (InternViT, DC-AE): token counts are the arch's.
+        from unimrg.models.openuni.arch import vae_downsample
+        arch = arch_for(cfg.size, vocab_size=1, image_token_id=0)
+        if task == "und":
+            return {"image tokens": arch.image_seq_length, "sequence ≤": cfg.max_length}
+        latent = (arch.gen_image_size // vae_downsample(arch.vae)) ** 2
+        return {"condition image tokens": arch.image_seq_length, "queries": arch.num_queries,
+                "LLM sequence ≤": cfg.max_length + arch.num_queries, "target latent tokens": latent}
+
     def frozen_module_names(self) -> list[str]:
         # UniMRG freezes the understanding encoder when it is not shared with generation (InternViT) and
         # the VAE; LLM, mlp1, queries, connector, projector and SANA train.

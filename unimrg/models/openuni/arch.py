@@ -133,6 +133,29 @@ def _tiny(vocab_size: int, image_token_id: int) -> OpenUniArch:
                        vit_image_size=56, gen_image_size=32, image_seq_length=4)
 
 
+def smoke(arch: OpenUniArch) -> OpenUniArch:
+    """Paper-shape smoke runs (``model.smoke=true``, README "Paper-shape smoke runs"): the full
+    architecture's shapes -- InternViT 448 px / patch 14 / pixel shuffle (256 image tokens), the
+    151,674-token vocabulary and its special ids, 256 queries, SANA's 16×16×32 latents from DC-AE's six
+    stages (f32) -- with one layer per stack and narrow widths, so one step at the paper's batch fits a CPU."""
+    v, t = arch.internvl.vision_config, arch.internvl.text_config
+    v.hidden_size, v.num_attention_heads, v.intermediate_size, v.num_hidden_layers = 32, 4, 64, 1
+    t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.intermediate_size = 64, 4, 2, 128
+    t.head_dim, t.num_hidden_layers = 16, 1
+    if getattr(t, "layer_types", None):
+        t.layer_types = t.layer_types[:1]
+    c = arch.connector
+    c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_hidden_layers = 64, 128, 4, 1
+    arch.sana.update(num_attention_heads=2, attention_head_dim=8, num_layers=1, num_cross_attention_heads=2,
+                     cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=24)
+    n = len(arch.vae["encoder_block_out_channels"])
+    # The last stage keeps ≥ 32 channels: DC-AE's output shortcut groups them by the 32 latent channels.
+    arch.vae.update(attention_head_dim=8, encoder_block_out_channels=(8, 8, 16, 16, 32, 32),
+                    decoder_block_out_channels=(8, 8, 16, 16, 32, 32), encoder_layers_per_block=(1,) * n,
+                    decoder_layers_per_block=(1,) * n)
+    return arch
+
+
 def arch_for(size: str, vocab_size: int = 0, image_token_id: int = 0) -> OpenUniArch:
     """The architecture of ``size`` ("tiny" needs the byte tokenizer's vocabulary size and image token)."""
     if size == "full":

@@ -29,10 +29,10 @@ from transformers import CLIPVisionModel, PhiForCausalLM, PreTrainedTokenizerBas
 
 from unimrg.data.batches import GenerationBatch, TaskBatch, UnderstandingBatch
 from unimrg.data.llava import dialogue_turns
-from unimrg.models.base import ModelConfig, UMMAdapter
+from unimrg.models.base import ModelConfig, Resolution, UMMAdapter
 from unimrg.models.official_io import KeyReport, load_checked, read_state_dict, write_state_dict
 from unimrg.models.showo.arch import (
-    CLIP_MEAN, CLIP_STD, ENDOFTEXT, EOI, MMU, NEW_SPECIAL_TOKENS, PAD, SOI, SYSTEM_PROMPT, T2I, ShowoArch, arch_for)
+    CLIP_MEAN, CLIP_STD, ENDOFTEXT, EOI, MMU, NEW_SPECIAL_TOKENS, PAD, SOI, SYSTEM_PROMPT, T2I, ShowoArch, arch_for, smoke)
 from unimrg.models.showo.magvit import MagvitV2
 
 IGNORE_INDEX = -100
@@ -104,6 +104,8 @@ class Showo(UMMAdapter):
         self.tokenizer = build_tokenizer(cfg)
         llm_vocab = len(self.tokenizer) - len(NEW_SPECIAL_TOKENS) if cfg.size == "tiny" else 0
         self.arch: ShowoArch = arch_for(cfg.size, cfg.codebook_size, llm_vocab)
+        if cfg.smoke:
+            self.arch = smoke(self.arch)
         if self.tokenizer is not None:
             _check_tokenizer(self.tokenizer, self.arch, cfg.tokenizer)
         self.system_message = (SYSTEM_PROMPT if cfg.size == "full" else "") \
@@ -127,6 +129,28 @@ class Showo(UMMAdapter):
             self.showo.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ---- protocol ------------------------------------------------------------------------------
+    @classmethod
+    def native_resolution(cls, cfg: ShowoConfig) -> Resolution:
+        # Full: CLIP-ViT-L/14-336 reads 336 px (openai/clip-vit-large-patch14-336); show-o-w-clip-vit's
+        # MAGVIT-v2 codes 256-px images into 256 tokens (showlab/Show-o `configs/showo_demo_w_clip_vit.yaml`
+        # and `showo_instruction_tuning_2_w_clip_vit.yaml`: `resolution: 256`, `num_vq_tokens: 256`; the
+        # 512-px configs belong to the show-o-512x512 checkpoints). Tiny: the tiny arch's sizes.
+        arch = arch_for(cfg.size, cfg.codebook_size, 1)
+        return Resolution(arch.clip.image_size, arch.magvit.resolution)
+
+    @classmethod
+    def sequence_plan(cls, cfg: ShowoConfig, task: str) -> dict[str, int]:
+        # The adapter brings any loader size to CLIP's and MAGVIT's own: token counts are the arch's.
+        arch = arch_for(cfg.size, cfg.codebook_size, 1)
+        clip = arch.num_clip_tokens
+        if task == "und":   # <|mmu|> system <|soi|> CLIP <|eoi|> text
+            return {"image tokens": clip, "text tokens ≤": cfg.max_text_len,
+                    "sequence ≤ (+ system prompt)": clip + cfg.max_text_len + 3}
+        # <|t2i|> <|soi|> CLIP <|eoi|> <bos> prompt <eos> <|soi|> codes <|eoi|>
+        return {"condition image tokens": clip, "target tokens": arch.num_image_tokens,
+                "prompt tokens ≤": cfg.max_prompt_len,
+                "sequence ≤": clip + cfg.max_prompt_len + arch.num_image_tokens + 7}
+
     def frozen_module_names(self) -> list[str]:
         # UniMRG: the understanding encoder (CLIP-ViT, not shared with generation) and the VQ tokenizer.
         return ["vision_tower", "vq_model"]

@@ -110,6 +110,24 @@ def _tiny(llm_vocab_size: int, codebook_size: int) -> ShowoArch:
     return ShowoArch(phi=phi, clip=clip, magvit=magvit, llm_vocab_size=llm_vocab_size)
 
 
+def smoke(arch: ShowoArch) -> ShowoArch:
+    """Paper-shape smoke runs (``model.smoke=true``, README "Paper-shape smoke runs"): the release's shapes
+    -- CLIP 336 px / patch 14 (576 features, penultimate layer), MAGVIT-v2's five levels at 256 px (16×16
+    codes, 8,192-code LFQ), the 58,498-token vocabulary -- with 1 layer per stack (2 for CLIP, whose
+    penultimate layer is read) and narrow widths (MAGVIT keeps 32 channels: its GroupNorms have 32 groups)."""
+    p, c, m = arch.phi, arch.clip, arch.magvit
+    p.hidden_size, p.num_attention_heads, p.intermediate_size, p.num_hidden_layers = 64, 4, 128, 1
+    p.num_key_value_heads = 4
+    if getattr(p, "layer_types", None):
+        p.layer_types = p.layer_types[:1]
+    c.hidden_size, c.num_attention_heads, c.intermediate_size, c.num_hidden_layers = 32, 4, 64, 2
+    m.ch = 32
+    m.enc_num_res_blocks = [1] * len(m.enc_num_res_blocks)
+    m.dec_num_res_blocks = [1] * len(m.dec_num_res_blocks)
+    arch.published_millions = {}
+    return arch
+
+
 def arch_for(size: str, codebook_size: int, llm_vocab_size: int = 0) -> ShowoArch:
     """The architecture of ``size``; "tiny" needs the byte tokenizer's text vocabulary size."""
     if size == "full":
