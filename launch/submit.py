@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--job", choices=("train", "preprocess"), default="train",
                     help="train a model, or make depth / segmentation targets (launch/preprocess.py)")
-    ap.add_argument("--model", default="openuni", help=f"one of {registry.names()}")
+    ap.add_argument("--model", default="openuni", choices=registry.names())
     ap.add_argument("--recipe", default="tiny", help="name (launch/recipes/<model>_<name>.yaml) or a YAML path")
     ap.add_argument("--cluster", choices=("local", "slurm"), default="local")
     ap.add_argument("--run-dir", default=None, help="run folder (default runs/<model>_<recipe>)")
@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.job == "preprocess":
         from launch.preprocess import submit as submit_preprocess
         return submit_preprocess(args)
-    run_dir = Path(args.run_dir or REPO / "runs" / f"{args.model}_{Path(args.recipe).stem}").resolve()
+    # An installed copy (no checkout around it) keeps its runs in the current folder, not in site-packages.
+    runs = REPO / "runs" if (REPO / "setup.py").is_file() else Path.cwd() / "runs"
+    run_dir = Path(args.run_dir or runs / f"{args.model}_{Path(args.recipe).stem}").resolve()
     overrides = [*args.overrides, f"run.dir={run_dir}"]
     if args.resume is not None:
         overrides.append(f"run.resume={args.resume}")

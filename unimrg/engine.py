@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 import deepspeed.comm  # noqa: E402
 
-from unimrg.config import REPO, BatchPlan, Config, ConfigError, repo_path  # noqa: E402
+from unimrg.config import DS_CONFIGS, BatchPlan, Config, ConfigError, repo_path  # noqa: E402
 
 BATCH_FIELDS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
@@ -48,7 +48,7 @@ def init_distributed() -> tuple[int, int, int]:
 
 
 def ds_config_path(cfg: Config) -> Path:
-    return repo_path(cfg.train.ds_config) if cfg.train.ds_config else REPO / "ds_configs" / f"zero{cfg.train.zero_stage}.json"
+    return repo_path(cfg.train.ds_config) if cfg.train.ds_config else DS_CONFIGS / f"zero{cfg.train.zero_stage}.json"
 
 
 def fill_batch_fields(ds: dict, plan: BatchPlan) -> dict:
@@ -186,4 +186,6 @@ class Engine:
             for name, b in mod.named_buffers(recurse=False):
                 if b is not None and name not in mod._non_persistent_buffers_set:
                     out[f"{mod_name}.{name}" if mod_name else name] = b.detach().cpu().clone()
-        return out
+        # named_parameters() lists a tied weight once (Harmon's lm_head is embed_tokens); state_dict() has both.
+        from unimrg.models.official_io import complete_tied
+        return complete_tied(self.module, out)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from unimrg import engine as eng
 from unimrg.config import Config, batch_arithmetic, stage_config, stage_plans, to_yaml, validate
 from unimrg.data.loaders import TaskLoaders
+from unimrg.models.official_io import load_adapter_state
 from unimrg.models.registry import build_model
 from unimrg.objective import Objective
 
@@ -97,7 +98,8 @@ class Trainer:
             # The previous stage's consolidated weights; this stage trains other parameters, so it
             # starts a fresh optimizer and LR schedule (DeepSpeed cannot load a checkpoint whose
             # frozen set differs).
-            model.load_state_dict(torch.load(self.stage_export(state["stage"]), mmap=True, weights_only=True))
+            path = self.stage_export(state["stage"])
+            load_adapter_state(model, torch.load(path, mmap=True, weights_only=True), str(path))
         self.seed_rank(cfg.train.seed + 1000 * (self.rank + 1))
 
         optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.optim.weight_decay), lr=cfg.optim.lr,
