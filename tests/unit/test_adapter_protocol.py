@@ -192,7 +192,7 @@ def test_stage_frozen_modules_stay_in_eval_mode(name):
 
 # ---- a real run ------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ["harmon"])   # the tied-weight model; ~2 min each, so one model in CI
 def test_trained_weights_export_and_reload_identically(name, tmp_path):
     """Two ranks, two stages of one step (the stage transition loads the first stage's consolidated
     weights), final/model.pt → `python -m unimrg.eval.export` → load_official → identical."""
@@ -200,7 +200,8 @@ def test_trained_weights_export_and_reload_identically(name, tmp_path):
     run = tmp_path / "run"
     res = run_submit(["--model", name, "--recipe", "tiny", "--cluster", "local", "--run-dir", str(run),
                       "train.steps=2", "train.checkpoint_every=1", "train.stages=[{steps: 1}, {steps: 1}]",
-                      "data.scenes=8"])
+                      "objective.tasks=[pix]", "train.grad_accum=1", "train.micro_batch_per_task=1",
+                      "data.scenes=4", "data.scene_shards=1", "run.tensorboard=false"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     final = torch.load(run / "final" / "model.pt", weights_only=True)
     cfg = load_resolved(run / "config.yaml").model
