@@ -166,6 +166,28 @@ def test_sample_cli_runs_for_every_model(name, tmp_path):
     assert set(out) == {"depth", "seg", "pix"} and (tmp_path / "g.png").is_file()
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_export_cli_takes_a_wrapped_state_dict_without_tied_aliases(name, tmp_path):
+    """What a ZeRO consolidation or a DDP save gives: `module.` in front, a tied weight under one name."""
+    from unimrg.eval import export
+    a = build(name, seed=1)
+    aliases = tied_aliases(a)
+    state = {"module." + k: v for k, v in a.state_dict().items() if k not in aliases}
+    torch.save(state, tmp_path / "consolidated.pt")
+    fields = [f"model.{k}={v}" for k, v in tiny_overrides(name).items()]
+    paths = export.main(["--model", name, "--state-dict", str(tmp_path / "consolidated.pt"),
+                         "--out", str(tmp_path / "out"), *fields])
+    files = exported_state(paths)
+    ref = exported_state(a.export_official(tmp_path / "ref"))
+    for k in ref:
+        assert_same_tensors(ref[k], files[k], f"{name} export {k}")
+    del state[next(iter(state))]
+    torch.save(state, tmp_path / "incomplete.pt")
+    with pytest.raises(ValueError, match="1 missing"):
+        export.main(["--model", name, "--state-dict", str(tmp_path / "incomplete.pt"), "--out",
+                     str(tmp_path / "out2"), *fields])
+
+
 def test_unknown_model_lists_the_registered_names(tmp_path, capsys):
     from unimrg.eval import export, sample
     for main, extra in ((export.main, ["--state-dict", "x.pt", "--out", "o"]),
