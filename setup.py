@@ -9,7 +9,12 @@ setup(
     description="UniMRG: multi-representation generation post-training for unified multimodal models "
                 "(DeepSpeed + Megatron-Energon + SLURM)",
     python_requires=">=3.10",
-    packages=find_packages(include=["unimrg", "unimrg.*", "launch"]),
+    # Recipes and ZeRO configs travel as package data, so a non-editable `pip install .` finds them
+    # (unimrg/config.py: RECIPES, DS_CONFIGS); ds_configs/ is installed as unimrg/ds_configs/.
+    packages=[*find_packages(include=["unimrg", "unimrg.*", "launch"]), "unimrg.ds_configs"],
+    package_dir={"unimrg.ds_configs": "ds_configs"},
+    package_data={"launch": ["recipes/*.yaml"], "unimrg.ds_configs": ["*.json"]},
+    entry_points={"console_scripts": ["unimrg-submit = launch.submit:main"]},
     install_requires=[
         "torch>=2.4",                 # satisfied by the torch already installed; never pulls a CUDA build over it
         "deepspeed==0.19.8",

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--job", choices=("train", "preprocess"), default="train",
                     help="train a model, or make depth / segmentation targets (launch/preprocess.py)")
-    ap.add_argument("--model", default=None, help=f"one of {registry.names()} (default {DEFAULT_MODEL}; "
+    ap.add_argument("--model", default=None, choices=registry.names(), help=f"one of {registry.names()} (default {DEFAULT_MODEL}; "
                                                   "a resume takes the run's)")
     ap.add_argument("--recipe", default=None, help="name (launch/recipes/<model>_<name>.yaml) or a YAML path "
                                                    f"(default {DEFAULT_RECIPE}; a resume takes the run's)")
@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.recipe = args.model or DEFAULT_MODEL, args.recipe or DEFAULT_RECIPE
         from launch.preprocess import submit as submit_preprocess
         return submit_preprocess(args)
-    run_dir = Path(args.run_dir or REPO / "runs" / f"{args.model or DEFAULT_MODEL}_"
+    # An installed copy (no checkout around it) keeps its runs in the current folder, not in site-packages.
+    runs = REPO / "runs" if (REPO / "setup.py").is_file() else Path.cwd() / "runs"
+    run_dir = Path(args.run_dir or runs / f"{args.model or DEFAULT_MODEL}_"
                    f"{Path(args.recipe or DEFAULT_RECIPE).stem}").resolve()
     given = runfolder.override_keys(args.overrides)
     resume = args.resume or next((o.split("=", 1)[1] for o in args.overrides if o.startswith("run.resume=")), "")

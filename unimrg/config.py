@@ -26,7 +26,11 @@ from unimrg.objective import ObjectiveConfig
 from unimrg.tasks import TASKS
 
 REPO = Path(__file__).resolve().parent.parent
+# Shipped folders. In a checkout: REPO/launch/recipes and REPO/ds_configs. In an installed (non-editable)
+# copy REPO is site-packages: the recipes are package data of `launch` (same relative path) and setup.py
+# installs ds_configs/ as package data inside unimrg/.
 RECIPES = REPO / "launch" / "recipes"
+DS_CONFIGS = REPO / "ds_configs" if (REPO / "ds_configs").is_dir() else Path(__file__).resolve().parent / "ds_configs"
 
 
 @dataclass
@@ -95,9 +99,14 @@ class Config:
 
 
 def repo_path(path: str) -> Path:
-    """A path as given, or relative to the repository (recipes name ``ds_configs/...``)."""
+    """A path as given, or relative to the repository (recipes name ``ds_configs/...``, found in an
+    installed copy too)."""
     p = Path(path)
-    return p if p.is_absolute() or p.exists() else REPO / p
+    if p.is_absolute() or p.exists():
+        return p
+    if p.parts and p.parts[0] == "ds_configs":
+        return DS_CONFIGS.joinpath(*p.parts[1:])
+    return REPO / p
 
 
 class ConfigError(ValueError):
@@ -106,6 +115,9 @@ class ConfigError(ValueError):
 
 def recipe_path(model: str, recipe: str) -> Path:
     """``--recipe tiny`` → launch/recipes/<model>_tiny.yaml; a path is taken as is."""
+    if model not in registry.names():
+        raise ConfigError(f"unknown model {model!r}; registered models: {', '.join(registry.names())} "
+                          "(unimrg/models/registry.py)")
     p = Path(recipe)
     if p.suffix in (".yaml", ".yml"):
         if not p.is_file():
@@ -278,7 +290,7 @@ def stage_config(cfg: Config, stage: StageConfig) -> Config:
 
 def ds_config_file(cfg: Config) -> Path:
     """The ZeRO JSON a run reads: train.ds_config, else ds_configs/zero{train.zero_stage}.json."""
-    return repo_path(cfg.train.ds_config) if cfg.train.ds_config else REPO / "ds_configs" / f"zero{cfg.train.zero_stage}.json"
+    return repo_path(cfg.train.ds_config) if cfg.train.ds_config else DS_CONFIGS / f"zero{cfg.train.zero_stage}.json"
 
 
 # DeepSpeed JSON blocks the recipe owns: the trainer builds AdamW and the warm-up + cosine schedule itself

@@ -197,4 +197,6 @@ class Engine:
             for name, b in mod.named_buffers(recurse=False):
                 if b is not None and name not in mod._non_persistent_buffers_set:
                     out[f"{mod_name}.{name}" if mod_name else name] = b.detach().cpu().clone()
-        return out
+        # named_parameters() lists a tied weight once (Harmon's lm_head is embed_tokens); state_dict() has both.
+        from unimrg.models.official_io import complete_tied
+        return complete_tied(self.module, out)

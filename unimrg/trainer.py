@@ -30,6 +30,7 @@ from unimrg import durable, engine as eng
 from unimrg.config import Config, batch_arithmetic, stage_config, stage_plans, to_yaml, validate
 from unimrg.data.batches import UnderstandingBatch
 from unimrg.data.loaders import UND_TEXT, TaskLoaders
+from unimrg.models.official_io import load_adapter_state
 from unimrg.models.registry import build_model
 from unimrg.objective import Objective
 from unimrg.tasks import TASKS
@@ -137,7 +138,8 @@ class Trainer:
             # The previous stage's consolidated weights; this stage trains other parameters, so it
             # starts a fresh optimizer and LR schedule (DeepSpeed cannot load a checkpoint whose
             # frozen set differs).
-            model.load_state_dict(torch.load(self.stage_export(state["stage"]), mmap=True, weights_only=True))
+            path = self.stage_export(state["stage"])
+            load_adapter_state(model, torch.load(path, mmap=True, weights_only=True), str(path))
         self.seed_rank(cfg.train.seed + 1000 * (self.rank + 1))
 
         # plan.lr: optim.lr, scaled by optim.lr_scaling under train.batch_policy=fixed_per_gpu.

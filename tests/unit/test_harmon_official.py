@@ -97,13 +97,14 @@ def test_official_checkpoint_loads_exactly_and_round_trips(tmp_path):
     model = tiny()
     state = synthetic_harmon_pth(model)
     torch.save(state, tmp_path / "harmon_1.5b.pth")
-    report = model.load_official(str(tmp_path / "harmon_1.5b.pth"))[0]
+    report = model.load_official(str(tmp_path / "harmon_1.5b.pth")).parts["harmon"]
     assert report.missing == [] and report.unexpected == [], str(report)
     assert torch.equal(model.mar.encoder_blocks[1].attn.qkv.weight, state["mar.encoder_blocks.1.attn.qkv.weight"])
     assert torch.equal(model.llm.lm_head.weight, state["llm.model.embed_tokens.weight"])
 
-    model.export_official(tmp_path / "export.pth")
-    back = read_state_dict(tmp_path / "export.pth")
+    paths = model.export_official(tmp_path / "export")
+    assert paths == {"harmon": tmp_path / "export" / "harmon_1.5b.pth"}
+    back = read_state_dict(paths["harmon"])
     assert sorted(back) == sorted(state)
     assert all(torch.equal(back[k], state[k]) and back[k].dtype == state[k].dtype for k in state)
     # The trainer's consolidated state dict converts the same way.
@@ -118,7 +119,7 @@ def test_either_tied_key_is_enough(tmp_path, drop):
     del state[drop]
     state["vae.encoder.conv_in.weight"] = torch.zeros(1)       # a VAE key in the file is skipped, not loaded
     torch.save(state, tmp_path / "h.pth")
-    report = model.load_official(str(tmp_path / "h.pth"))[0]
+    report = model.load_official(str(tmp_path / "h.pth")).parts["harmon"]
     assert report.missing == [] and report.unexpected == [] and report.ignored == ["vae.encoder.conv_in.weight"]
     assert torch.equal(model.llm.model.embed_tokens.weight, kept)
 
@@ -129,7 +130,7 @@ def test_unexpected_and_mismatched_keys_are_named(tmp_path):
     state["mar.not_a_param"] = torch.zeros(2)
     del state["proj_out.2.bias"]
     torch.save(state, tmp_path / "h.pth")
-    report = model.load_official(str(tmp_path / "h.pth"))[0]
+    report = model.load_official(str(tmp_path / "h.pth")).parts["harmon"]
     assert report.unexpected == ["mar.not_a_param"] and report.missing == ["proj_out.2.bias"]
     state = synthetic_harmon_pth(model)
     state["mar.encoder_pos_embed_learned"] = torch.zeros(1, 7, model.arch.mar["width"])
@@ -204,7 +205,7 @@ def test_kl16_checkpoint_converts_to_diffusers(tmp_path):
     model = tiny(vae_path=str(tmp_path / "kl16.ckpt"))
     torch.save(synthetic_harmon_pth(model), tmp_path / "h.pth")
     reports = model.load_official(str(tmp_path / "h.pth"))
-    vae_report = reports[1]
+    vae_report = reports.parts["vae"]
     assert vae_report.missing == [] and vae_report.unexpected == [], str(vae_report)
     assert vae_report.ignored == ["loss.discriminator.main.0.weight"]
     vae = model.vae
@@ -225,7 +226,7 @@ def test_qwen_folder_gives_config_tokenizer_and_llm_weights(tmp_path):
     llm = Qwen2ForCausalLM(src.arch.llm)
     llm.save_pretrained(tmp_path / "qwen")                  # model.safetensors (tied: embed key only)
     src.tokenizer.save_pretrained(tmp_path / "qwen")
-    report = src.load_official(str(tmp_path / "qwen"))[0]
+    report = src.load_official(str(tmp_path / "qwen")).parts["llm"]
     assert report.missing == [] and report.unexpected == [], str(report)
     assert torch.equal(src.llm.lm_head.weight, llm.model.embed_tokens.weight)
     # Full size reads the LLM's config and tokenizer from the folder (meta device: no weights allocated).

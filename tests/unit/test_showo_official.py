@@ -142,7 +142,7 @@ def official(tmp_path_factory) -> dict:
 def load_all(official: dict, seed: int = 1) -> tuple[Showo, dict]:
     r = official["root"]
     model = tiny(seed, magvit_checkpoint=str(r / "magvitv2"), clip_checkpoint=str(r / "clip-vit-large-patch14-336"))
-    return model, model.load_official(str(r / "show-o-w-clip-vit"))
+    return model, model.load_official(str(r / "show-o-w-clip-vit")).parts
 
 
 def test_official_layout_loads_with_no_missing_or_unexpected_keys(official):
@@ -172,8 +172,8 @@ def test_export_round_trip_is_bit_identical(official, tmp_path):
     # ...and load back into a differently initialised model exactly.
     again = tiny(seed=9, magvit_checkpoint=str(paths["vq_model"].parent),
                  clip_checkpoint=str(paths["vision_tower"].parent))
-    reports = again.load_official(str(paths["showo"].parent))
-    assert all(r.ok for r in reports.values())
+    report = again.load_official(str(paths["showo"].parent))
+    assert report.ok and set(report.parts) == {"showo", "vq_model", "vision_tower"}
     a, b = model.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -183,7 +183,7 @@ def test_missing_and_unexpected_keys_are_reported_by_name(official, tmp_path):
     del state["showo.model.layers.1.mlp.fc2.bias"]
     state["showo.model.layers.9.mlp.fc2.bias"] = torch.zeros(3)
     torch.save(state, tmp_path / "pytorch_model.bin")
-    report = tiny().load_official(str(tmp_path))["showo"]
+    report = tiny().load_official(str(tmp_path)).parts["showo"]
     assert report.missing == ["showo.model.layers.1.mlp.fc2.bias"]
     assert report.unexpected == ["showo.model.layers.9.mlp.fc2.bias"]
     assert "showo.model.layers.1.mlp.fc2.bias" in str(report)

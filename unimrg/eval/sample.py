@@ -2,8 +2,8 @@
        [--state-dict FILE] [--seed 0] [--opt num_steps=20 --opt cfg_scale=4.5 --opt scheduler=dpm]
        [model.size=full model.checkpoint=... model.internvl_path=... ...]
 
-Generate depth, segmentation and reconstruction for each input image with any registered model that has
-a ``sample(images, prompts, seed=..., **opts)`` method, and write a grid: one row per image,
+Generate depth, segmentation and reconstruction for each input image with any registered model (the
+protocol's ``sample(images, prompts, seed=..., **opts)``), and write a grid: one row per image,
 columns input | depth | segmentation | reconstruction. Same seed → same grid.
 
 Weights: ``model.*`` overrides build the model as training does (``model.checkpoint`` → ``load_official``);
@@ -59,13 +59,8 @@ def build_model(name: str, overrides: Sequence[str], state_dict: str | None, dev
     resolve_resolution(cfg)   # image_size 0 = the model's native input side
     model = registry.build_model(cfg)
     if state_dict:
-        from unimrg.models.official_io import read_state_dict
-        missing, unexpected = model.load_state_dict(read_state_dict(state_dict, "--state-dict"), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"--state-dict {state_dict} does not match {name}: missing {missing[:10]}, "
-                             f"unexpected {unexpected[:10]}")
-    if not hasattr(model, "sample"):
-        raise ValueError(f"model {name!r} has no sample() method yet; nothing to generate")
+        from unimrg.models.official_io import load_adapter_state, read_state_dict
+        load_adapter_state(model, read_state_dict(state_dict, "--state-dict"), f"--state-dict {state_dict}")
     return model.to(device=device, dtype=dtype).eval(), cfg
 
 
@@ -101,7 +96,8 @@ def parse_opt(items: Sequence[str]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
+    from unimrg.models import registry
+    ap.add_argument("--model", required=True, choices=registry.names())
     ap.add_argument("--image", action="append", required=True, help="input image file (repeat for more rows)")
     ap.add_argument("--out", required=True, help="grid image to write (.png)")
     ap.add_argument("--state-dict", help="adapter-layout weights loaded after building")

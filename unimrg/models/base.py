@@ -3,18 +3,26 @@
 An adapter is an ``nn.Module`` that DeepSpeed wraps. The trainer only ever calls ``engine(batches)``,
 which lands in :meth:`UMMAdapter.forward` and returns one loss per task. Adding a model means writing
 one subclass and one line in ``unimrg/models/registry.py``.
+
+Besides the losses every adapter implements ``load_official(path) -> LoadReport`` (the released files,
+checked: a full-size load that leaves parameters unloaded is an error naming the keys and the field that
+provides them), ``export_official(dir) -> dict[str, Path]`` (the released layouts) and
+``sample(images, prompts, seed=...)`` (generation, the same output for the same seed);
+``tests/unit/test_adapter_protocol.py`` checks all of it for every registered model.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from unimrg.data.batches import GenerationBatch, TaskBatch, UnderstandingBatch
+from unimrg.models.official_io import LoadReport, check_report
 
 
 @dataclass
@@ -34,6 +42,10 @@ class ModelConfig:
     # Paper-shape smoke runs only (tests/integration/test_paper_shapes.py): the full architecture's
     # resolutions, token counts, vocabulary and latent grids with 1-2 layers per stack and narrow widths.
     smoke: bool = False
+    # fnmatch patterns of adapter keys a load may leave unloaded / file keys it may drop (deliberate
+    # partial loads); without them a full-size load that misses anything is an error.
+    allow_missing: list[str] = field(default_factory=list)
+    allow_unexpected: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -54,6 +66,10 @@ class UMMAdapter(nn.Module, abc.ABC):
     """
 
     config_class: type[ModelConfig] = ModelConfig
+    cfg: ModelConfig
+    #: config fields naming official weights → the adapter-key prefixes each provides ("" = everything).
+    #: build_model loads when any is set; a load error names the field for the keys it left missing.
+    official_sources: Mapping[str, tuple[str, ...]] = {"checkpoint": ("",)}
     #: the override that gives a full-size model its tokenizer (named in the error when it is missing)
     tokenizer_setting: str = "model.tokenizer=<local tokenizer folder>"
     tokenizer = None
@@ -116,9 +132,11 @@ class UMMAdapter(nn.Module, abc.ABC):
     def apply_freezing(self, extra_frozen: Sequence[str] = ()) -> None:
         """Freeze the paper's modules plus ``extra_frozen`` (e.g. OpenUni's stage 2 freezes the
         understanding model). Frozen modules are put in eval mode by :meth:`train`."""
-        for name in [*self.frozen_module_names(), *extra_frozen]:
+        self._frozen_names = list(dict.fromkeys([*self.frozen_module_names(), *extra_frozen]))
+        for name in self._frozen_names:
             for p in self.get_submodule(name).parameters():
                 p.requires_grad_(False)
+        self.train(self.training)
 
     def understanding_module_names(self) -> list[str]:
         """The understanding model (a recipe stage may freeze it: ``freeze: [understanding]``)."""
@@ -144,12 +162,44 @@ class UMMAdapter(nn.Module, abc.ABC):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        # Frozen parts never train: keep dropout / norm statistics of e.g. the VAE deterministic.
-        for name in self.frozen_module_names():
+        # Frozen parts never train (the paper's rule and a recipe stage's extra ones): keep dropout / norm
+        # statistics of e.g. the VAE deterministic.
+        for name in getattr(self, "_frozen_names", None) or self.frozen_module_names():
             self.get_submodule(name).eval()
         return self
 
     # ---- weights -----------------------------------------------------------------------------
-    def load_official(self, path: str) -> None:
-        """Load the released checkpoint from a local path; report missing / unexpected keys by name."""
-        raise NotImplementedError(f"{type(self).__name__} cannot load official weights yet")
+    def has_official_weights(self) -> bool:
+        """Is any of ``official_sources`` set (then ``build_model`` calls :meth:`load_official`)?"""
+        return any(getattr(self.cfg, f, None) for f in self.official_sources)
+
+    @abc.abstractmethod
+    def load_official(self, path: str | None = None, *, allow_missing: Sequence[str] = ()) -> LoadReport:
+        """Load the released checkpoint ``path`` (``cfg.checkpoint``) and the other ``official_sources``
+        fields that are set; return one :class:`LoadReport` (loaded / missing / unexpected / ignored by
+        name). Implementations end with :meth:`check_load`."""
+
+    def check_load(self, report: LoadReport, allow_missing: Sequence[str] = (), strict: bool | None = None
+                   ) -> LoadReport:
+        """At full size a load must leave no parameter unloaded and no file key unplaced, except what
+        ``allow_missing`` / ``cfg.allow_missing`` (and ``cfg.allow_unexpected``) allow; the error names the
+        keys, the config field that provides them and the override. Tiny models only log (``strict``
+        True: refuse at any size)."""
+        strict = self.cfg.size == "full" if strict is None else strict
+        return check_report(report, self.official_sources, strict=strict,
+                            allow_missing=[*self.cfg.allow_missing, *allow_missing],
+                            allow_unexpected=self.cfg.allow_unexpected)
+
+    @abc.abstractmethod
+    def export_official(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write this model's weights in the released layouts under ``out_dir``; returns what was written
+        (component → file or folder). Every trained parameter must be in it."""
+
+    def export_sources(self, paths: Mapping[str, Path]) -> dict[str, str]:
+        """Config fields (``official_sources``) that load back what :meth:`export_official` wrote."""
+        return {"checkpoint": str(next(iter(paths.values())))}
+
+    @abc.abstractmethod
+    def sample(self, images: torch.Tensor, prompts: Sequence[str], *, seed: int = 0, **opts) -> torch.Tensor:
+        """Generate float images (B, 3, S, S) in [0, 1] for (uint8 image, prompt) pairs; the same seed gives
+        the same images. ``opts`` are the model's own sampler settings."""

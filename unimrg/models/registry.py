@@ -33,9 +33,10 @@ def config_class(name: str) -> type[ModelConfig]:
 
 
 def build_model(cfg: ModelConfig) -> UMMAdapter:
-    """Build the adapter (random init at ``cfg.size``), load ``cfg.checkpoint`` if set, apply freezing."""
+    """Build the adapter (random init at ``cfg.size``), load its official weights if any weight field
+    (``official_sources``: ``cfg.checkpoint`` and e.g. Show-o's ``magvit_checkpoint``) is set, freeze."""
     model = adapter_class(cfg.name)(cfg)
-    if cfg.checkpoint:
+    if model.has_official_weights():
         model.load_official(cfg.checkpoint)
     model.apply_freezing()
     return model

@@ -54,7 +54,7 @@ from unimrg.models.base import ModelConfig, Resolution, UMMAdapter
 from unimrg.models.harmon.arch import ENDOFTEXT, IM_END, IM_START, TINY_SPECIAL_TOKENS, HarmonArch, arch_for, smoke
 from unimrg.models.harmon.mar import MAR
 from unimrg.models.harmon.vae import VAE_STRIDE, load_vae
-from unimrg.models.official_io import KeyReport, load_checked, read_state_dict, write_state_dict
+from unimrg.models.official_io import LoadReport, load_checked, read_state_dict, write_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,9 @@ class Harmon(UMMAdapter):
 
     config_class = HarmonConfig
     tokenizer_setting = "model.llm_path=<local Qwen2.5-1.5B-Instruct folder>"
+    official_sources = {"checkpoint": OFFICIAL_PREFIXES, "vae_path": ("vae.",)}
+    #: what export_official writes (the release file name)
+    export_name = "harmon_1.5b.pth"
 
     def __init__(self, cfg: HarmonConfig):
         super().__init__()
@@ -426,37 +429,48 @@ class Harmon(UMMAdapter):
         return sample(self, images, prompts, **kwargs)
 
     # ---- official weights ------------------------------------------------------------------------
-    def load_official(self, path: str) -> list[KeyReport]:
-        """Load ``harmon_1.5b.pth`` (keys `llm.`, `mar.`, `proj_in.`, `proj_out.`), then the VAE from
-        ``cfg.vae_path`` if set. A Qwen2.5 model folder instead loads the LLM only (MAR and projections
-        keep their initialisation). Returns the reports (also logged); shape mismatches raise."""
-        if _is_hf_llm_folder(path):
+    def load_official(self, path: str | None = None, *, allow_missing: Sequence[str] = ()) -> LoadReport:
+        """Load ``harmon_1.5b.pth`` (keys `llm.`, `mar.`, `proj_in.`, `proj_out.`) from ``path``, then the VAE
+        from ``cfg.vae_path`` (MAR's kl16.ckpt). A Qwen2.5 model folder as ``path`` loads the LLM only (a
+        partial load: allow `mar.*`, `proj_in.*`, `proj_out.*` explicitly). At full size anything left
+        unloaded is an error naming the keys and the field (e.g. ``model.vae_path``); shape mismatches raise."""
+        parts: dict[str, LoadReport] = {}
+        if path and _is_hf_llm_folder(path):
             state = _tie_aliases({"llm." + k: v for k, v in read_state_dict(path, what="Qwen2.5 folder").items()},
                                  path)
-            reports = [load_checked(nn.ModuleDict({"llm": self.llm}), state, what=f"Harmon LLM {path}")]
-        else:
+            parts["llm"] = load_checked(nn.ModuleDict({"llm": self.llm}), state, what=f"Harmon LLM {path}")
+        elif path:
             state = read_state_dict(path, what="Harmon checkpoint (model.checkpoint)")
             state = _tie_aliases(state, path)
             sub = nn.ModuleDict({"llm": self.llm, "mar": self.mar, "proj_in": self.proj_in,
                                  "proj_out": self.proj_out})
-            reports = [load_checked(sub, state, what=f"Harmon {path}",
-                                    rename=lambda k: None if k.startswith("vae.") else k)]
+            parts["harmon"] = load_checked(sub, state, what=f"Harmon {path}",
+                                           rename=lambda k: None if k.startswith("vae.") else k)
         if self.cfg.vae_path:
-            reports.append(load_vae(self.vae, self.cfg.vae_path))
-        else:
-            log.warning("Harmon: model.vae_path is not set; the VAE keeps its random initialisation "
-                        "(point it at MAR's kl16.ckpt)")
-        return reports
+            parts["vae"] = load_vae(self.vae, self.cfg.vae_path, prefix="vae.")
+        report = LoadReport.merge(f"Harmon official weights ({', '.join(parts) or 'nothing'})", parts,
+                                  self.state_dict())
+        return self.check_load(report, allow_missing)
 
-    def official_state_dict(self) -> dict[str, torch.Tensor]:
-        return to_official(self.state_dict())
+    def official_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        return to_official(self.state_dict() if state_dict is None else state_dict)
 
-    def export_official(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """Write the `harmon_1.5b.pth` layout (both tied keys, as torch's state_dict writes them)."""
-        state = self.official_state_dict()
+    def export_official(self, out_dir: str | Path, dtype: torch.dtype | None = None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Path]:
+        """Write ``OUT/harmon_1.5b.pth`` in the release layout (both tied keys, as torch's state_dict writes
+        them; the frozen VAE is MAR's kl16.ckpt, unchanged, and not copied). ``state_dict`` defaults to this
+        model's (e.g. pass the trainer's consolidated ``final/model.pt``)."""
+        out = Path(out_dir)
+        if out.suffix in (".pth", ".pt", ".bin", ".safetensors"):
+            raise ValueError(f"Harmon.export_official({out}): give a folder; the file is written as "
+                             f"{self.export_name} inside it")
+        state = self.official_state_dict(state_dict)
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
-        return write_state_dict(state, path)
+        return {"harmon": write_state_dict(state, out / self.export_name)}
+
+    def export_sources(self, paths: dict[str, Path]) -> dict[str, str]:
+        return {"checkpoint": str(paths["harmon"])}
 
 
 def to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

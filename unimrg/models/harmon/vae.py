@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 
-from unimrg.models.official_io import KeyReport, load_checked, read_state_dict
+from unimrg.models.official_io import LoadReport, load_checked, read_state_dict
 
 VAE_SCALE = 0.2325      # Harmon configs `vae_scale`
 VAE_STRIDE = 16
@@ -63,7 +63,7 @@ def kl16_to_diffusers(ldm: dict[str, torch.Tensor], vae_config: dict[str, Any]) 
     return {k: v for k, v in out.items() if v is not None}
 
 
-def load_vae(vae: AutoencoderKL, path: str | Path) -> KeyReport:
+def load_vae(vae: AutoencoderKL, path: str | Path, prefix: str = "") -> LoadReport:
     """Load the VAE from ``kl16.ckpt`` (LDM layout, converted) or a diffusers AutoencoderKL folder/file."""
     state = read_state_dict(path, what="Harmon VAE (vae_path)")
     ignored: list[str] = []
@@ -72,6 +72,6 @@ def load_vae(vae: AutoencoderKL, path: str | Path) -> KeyReport:
         ignored = sorted(k for k in state if not k.startswith(_VAE_PREFIXES))
         state = kl16_to_diffusers({k: v for k, v in state.items() if k.startswith(_VAE_PREFIXES)},
                                   dict(vae.config))
-    report = load_checked(vae, state, what=f"Harmon VAE {path}")
+    report = load_checked(vae, state, what=f"Harmon VAE {path}", prefix=prefix)
     report.ignored.extend(ignored)
     return report

@@ -14,7 +14,8 @@ values outside a forward.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoder
 from unimrg.data.batches import GenerationBatch, UnderstandingBatch
 from unimrg.data.llava import dialogue_turns
 from unimrg.models.base import ModelConfig, Resolution, UMMAdapter
-from unimrg.models.official_io import KeyReport
+from unimrg.models.official_io import LoadReport
 from unimrg.models.openuni.arch import (
     ENDOFTEXT, IM_END, IM_START, IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT, IMG_END, IMG_START, INTERNVL_SYSTEM,
     NUM_TRAIN_TIMESTEPS, OpenUniArch, arch_for, smoke)
@@ -48,9 +49,6 @@ class OpenUniConfig(ModelConfig):
     internvl_path: str | None = None  # InternVL3-2B, original (vision_model/mlp1/language_model) or -hf layout
     sana_path: str | None = None      # Sana_1600M_512px_diffusers (pipeline folder or its transformer/)
     vae_path: str | None = None       # dc-ae-f32c32-sana-1.1-diffusers (or a pipeline folder with vae/)
-    # fnmatch patterns of adapter keys that may stay unloaded / file keys that may be dropped.
-    allow_missing: list[str] = field(default_factory=list)
-    allow_unexpected: list[str] = field(default_factory=list)
     # None = InternVL3's default system prompt at full size, none at tiny size (keeps tiny sequences short).
     system_message: str | None = None
     max_length: int = 2048            # OpenUni's `max_length`: longer prompts keep their last tokens
@@ -79,6 +77,8 @@ class OpenUni(UMMAdapter):
 
     config_class = OpenUniConfig
     tokenizer_setting = "model.tokenizer=<local InternVL3-2B folder>"
+    official_sources = {"internvl_path": ("lmm.",), "sana_path": ("transformer.",), "vae_path": ("vae.",),
+                        "checkpoint": ("meta_queries", "connector.", "projector.", "transformer.", "lmm.")}
 
     def __init__(self, cfg: OpenUniConfig):
         super().__init__()
@@ -265,7 +265,7 @@ class OpenUni(UMMAdapter):
             self.train(was_training)
 
     # ---- official weights ------------------------------------------------------------------------
-    def load_official(self, path: str | None = None) -> KeyReport:
+    def load_official(self, path: str | None = None, *, allow_missing: Sequence[str] = ()) -> LoadReport:
         """Load InternVL3-2B (``cfg.internvl_path``), SANA (``cfg.sana_path``), DC-AE (``cfg.vae_path``) and
         then the OpenUni checkpoint ``path`` (overrides what it contains). Fails naming every key no source
         provides or no parameter takes, unless ``cfg.allow_missing`` / ``cfg.allow_unexpected`` allow it."""
@@ -294,8 +294,8 @@ class OpenUni(UMMAdapter):
         report = load_checked(self, state, what="OpenUni official weights (" + "; ".join(s.what for s in sources) + ")")
         unexpected += [(k, origin[k]) for k in report.unexpected]
         report.unexpected = [f"{k} (from {w})" for k, w in unexpected]
-        W.check_keys(report.missing, unexpected, cfg.allow_missing, cfg.allow_unexpected, report.what)
-        return report
+        # OpenUni refuses incomplete loads at every size (its tests load tiny official folders strictly).
+        return self.check_load(report, allow_missing, strict=True)
 
     def export_official(self, out_dir: str | Path) -> dict[str, Path]:
         """Write (a) ``openuni.pth``, the OpenUni release layout the official inference code loads, and (b)
@@ -324,6 +324,9 @@ class OpenUni(UMMAdapter):
             write_state_dict(W.internvl_hf_to_original(lmm), orig / "model.safetensors")
             paths["internvl_original"] = orig
         return paths
+
+    def export_sources(self, paths: dict[str, Path]) -> dict[str, str]:
+        return {"internvl_path": str(paths["internvl_hf"]), "checkpoint": str(paths["openuni"])}
 
     def component_counts(self) -> dict[str, int]:
         """Parameters per component (works on the meta device). ``embed_tokens`` is part of ``language_model``."""

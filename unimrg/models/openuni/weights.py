@@ -14,7 +14,6 @@ Layouts handled (all local; nothing is downloaded):
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import re
 import shutil
@@ -223,25 +222,6 @@ def openuni_checkpoint_state(state: Mapping[str, torch.Tensor]) -> dict[str, tor
     out = {k: v for k, v in state.items() if not k.startswith(LMM)}
     out.update({LMM + k: v for k, v in internvl_hf_to_original(lmm).items()})
     return out
-
-
-def check_keys(missing: list[str], unexpected: list[tuple[str, str]], allow_missing: Iterable[str],
-               allow_unexpected: Iterable[str], what: str) -> None:
-    """Raise unless every missing key / unexpected (key, source) matches an allowed fnmatch pattern;
-    the error names every offending key (and the source of each unexpected one)."""
-    allow_missing, allow_unexpected = list(allow_missing), list(allow_unexpected)
-    bad_missing = [k for k in missing if not any(fnmatch.fnmatchcase(k, p) for p in allow_missing)]
-    bad_unexpected = [f"{k} (from {src})" for k, src in unexpected
-                      if not any(fnmatch.fnmatchcase(k, p) for p in allow_unexpected)]
-    if bad_missing or bad_unexpected:
-        lines = [f"{what}: {len(bad_missing)} missing and {len(bad_unexpected)} unexpected keys"]
-        if bad_missing:
-            lines.append("missing (no source provides them): " + ", ".join(bad_missing))
-        if bad_unexpected:
-            lines.append("unexpected (the model has no place for them): " + ", ".join(bad_unexpected))
-        lines.append("Point model.internvl_path / sana_path / vae_path / checkpoint at the right folders, or "
-                     "allow keys explicitly with model.allow_missing=[patterns] / model.allow_unexpected=[...]")
-        raise ValueError("\n".join(lines))
 
 
 # Files of an InternVL folder that are not weights (configs, tokenizer, remote code, processor).

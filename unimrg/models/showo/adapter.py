@@ -30,7 +30,7 @@ from transformers import CLIPVisionModel, PhiForCausalLM, PreTrainedTokenizerBas
 from unimrg.data.batches import GenerationBatch, TaskBatch, UnderstandingBatch
 from unimrg.data.llava import dialogue_turns
 from unimrg.models.base import ModelConfig, Resolution, UMMAdapter
-from unimrg.models.official_io import KeyReport, load_checked, read_state_dict, write_state_dict
+from unimrg.models.official_io import LoadReport, load_checked, read_state_dict, write_state_dict
 from unimrg.models.showo.arch import (
     CLIP_MEAN, CLIP_STD, ENDOFTEXT, EOI, MMU, NEW_SPECIAL_TOKENS, PAD, SOI, SYSTEM_PROMPT, T2I, ShowoArch, arch_for, smoke)
 from unimrg.models.showo.magvit import MagvitV2
@@ -97,6 +97,8 @@ class Showo(UMMAdapter):
 
     config_class = ShowoConfig
     tokenizer_setting = "model.tokenizer=<local microsoft/phi-1_5 folder>"
+    official_sources = {"checkpoint": ("showo.", "mm_projector."), "magvit_checkpoint": ("vq_model.",),
+                        "clip_checkpoint": ("vision_tower.",)}
 
     def __init__(self, cfg: ShowoConfig):
         super().__init__()
@@ -286,33 +288,42 @@ class Showo(UMMAdapter):
         return sampled
 
     @torch.no_grad()
-    def generate(self, images: torch.Tensor, prompts: list[str], **kw) -> torch.Tensor:
-        """Generate (B, 3, R, R) float images in [0, 1] for (image, prompt) pairs; see :meth:`generate_codes`."""
-        return self.decode_codes(self.generate_codes(images, prompts, **kw))
+    def sample(self, images: torch.Tensor, prompts: Sequence[str], *, seed: int = 0, **opts) -> torch.Tensor:
+        """Generate (B, 3, R, R) float images in [0, 1] for (image, prompt) pairs; ``opts``: ``steps``,
+        ``guidance_scale``, ``temperature`` (see :meth:`generate_codes`)."""
+        return self.decode_codes(self.generate_codes(images, list(prompts), seed=seed, **opts))
+
+    generate = sample   # the name Show-o's own code uses
 
     # ---- official weights ----------------------------------------------------------------------------
-    def load_official(self, path: str) -> dict[str, KeyReport]:
+    def load_official(self, path: str | None = None, *, allow_missing: Sequence[str] = ()) -> LoadReport:
         """Show-o folder (or its ``pytorch_model.bin``) at ``path``; MAGVIT-v2 and CLIP-ViT from
-        ``cfg.magvit_checkpoint`` / ``cfg.clip_checkpoint`` when set. Returns one report per component."""
-        reports = {"showo": self.load_official_showo(path)}
+        ``cfg.magvit_checkpoint`` / ``cfg.clip_checkpoint``. One report (``.parts``: per component). At
+        full size a component left unloaded (e.g. no ``model.magvit_checkpoint``) is an error naming the
+        field, not a random frozen tokenizer."""
+        parts: dict[str, LoadReport] = {}
+        if path:
+            parts["showo"] = self.load_official_showo(path)
         if self.cfg.magvit_checkpoint:
-            reports["vq_model"] = self.load_official_magvit(self.cfg.magvit_checkpoint)
+            parts["vq_model"] = self.load_official_magvit(self.cfg.magvit_checkpoint)
         if self.cfg.clip_checkpoint:
-            reports["vision_tower"] = self.load_official_clip(self.cfg.clip_checkpoint)
-        return reports
+            parts["vision_tower"] = self.load_official_clip(self.cfg.clip_checkpoint)
+        report = LoadReport.merge(f"Show-o official weights ({', '.join(parts) or 'nothing'})", parts,
+                                  self.state_dict())
+        return self.check_load(report, allow_missing)
 
-    def load_official_showo(self, path: str) -> KeyReport:
+    def load_official_showo(self, path: str) -> LoadReport:
         self._check_showo_config(Path(path))
         state = read_state_dict(path, "Show-o checkpoint (model.checkpoint)")
         # A view holding the two parts the Show-o file owns (same modules, no copies): keys showo.*, mm_projector.*
         part = nn.ModuleDict({"showo": self.showo, "mm_projector": self.mm_projector})
         return load_checked(part, state, f"Show-o {path}")
 
-    def load_official_magvit(self, path: str) -> KeyReport:
+    def load_official_magvit(self, path: str) -> LoadReport:
         state = read_state_dict(path, "MAGVIT-v2 checkpoint (model.magvit_checkpoint)")
-        return load_checked(self.vq_model, state, f"MAGVIT-v2 {path}")
+        return load_checked(self.vq_model, state, f"MAGVIT-v2 {path}", prefix="vq_model.")
 
-    def load_official_clip(self, path: str) -> KeyReport:
+    def load_official_clip(self, path: str) -> LoadReport:
         """An HF CLIP folder (``CLIPModel`` layout, ``vision_model.*``) or a vision-only one; the text tower,
         projections and legacy ``position_ids`` buffers are ignored."""
         state = read_state_dict(path, "CLIP-ViT checkpoint (model.clip_checkpoint)")
@@ -321,7 +332,11 @@ class Showo(UMMAdapter):
             if k.endswith("position_ids") or not k.startswith("vision_model."):
                 return None
             return k[len("vision_model."):]
-        return load_checked(self.vision_tower, state, f"CLIP-ViT {path}", rename=rename)
+        return load_checked(self.vision_tower, state, f"CLIP-ViT {path}", rename=rename, prefix="vision_tower.")
+
+    def export_sources(self, paths: dict[str, Path]) -> dict[str, str]:
+        return {"checkpoint": str(paths["showo"].parent), "magvit_checkpoint": str(paths["vq_model"].parent),
+                "clip_checkpoint": str(paths["vision_tower"].parent)}
 
     def export_official(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None
                         ) -> dict[str, Path]:
