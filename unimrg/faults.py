@@ -2,10 +2,10 @@
 
     python launch/submit.py --model openuni --recipe tiny --cluster local train.debug_fault=raise@5:rank1
 
-Never set in a real run. Grammar: ``KIND@STEPS[:TASK][:rankR]`` — KIND is ``raise`` (RuntimeError in
-the step's first forward), ``hang`` (the rank sleeps there forever: the watchdog's case) or ``nan``
-(the task's loss times NaN, so its gradients are NaN too, as in a real divergence); STEPS is ``5``,
-``3,7`` or ``3-`` (every step from 3); TASK (``nan`` only) defaults to the step's first task; without
+Never set in a real run. Grammar: ``KIND@STEPS[:TASK][:rankR]`` — KIND is ``raise`` (RuntimeError
+right after the step's first forward), ``hang`` (the rank sleeps there forever: the watchdog's case)
+or ``nan`` (the task's loss times NaN, so its gradients are NaN too, as in a real divergence); STEPS
+is ``5``, ``3,7`` or ``3-`` (every step from 3); TASK (``nan`` only) defaults to every task; without
 ``:rankR`` every rank is hit. Steps count from 1, as logged.
 """
 
