@@ -236,9 +236,12 @@ def validate(cfg: Config, dp_size: int) -> BatchPlan:
         raise ConfigError(f"train.hang_timeout_s={t.hang_timeout_s} and train.max_skipped_steps="
                           f"{t.max_skipped_steps} must be ≥ 0 (hang_timeout_s=0 turns the watchdog off)")
     try:
-        parse_fault(t.debug_fault)
+        fault = parse_fault(t.debug_fault)
     except FaultSpecError as e:
         raise ConfigError(str(e)) from None
+    if fault and fault.task and fault.task not in cfg.objective.tasks:
+        raise ConfigError(f"train.debug_fault={t.debug_fault!r}: task {fault.task!r} is not in "
+                          f"objective.tasks={cfg.objective.tasks}")
     if t.ds_config and not repo_path(t.ds_config).is_file():
         raise ConfigError(f"train.ds_config={t.ds_config}: no such file (see ds_configs/)")
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).exists():

@@ -25,6 +25,7 @@ def test_fault_grammar():
 
 
 @pytest.mark.parametrize("override,field", [("train.debug_fault=nan@", "train.debug_fault"),
+                                            ("train.debug_fault=nan@3:vqa", "is not in objective.tasks"),
                                             ("train.hang_timeout_s=-1", "train.hang_timeout_s"),
                                             ("train.max_skipped_steps=-1", "train.max_skipped_steps")])
 def test_bad_fail_fast_fields_are_rejected_by_validate(override, field):
