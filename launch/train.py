@@ -13,6 +13,7 @@ import argparse
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python launch/train.py` from anywhere
@@ -42,4 +43,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except (Exception, KeyboardInterrupt) as e:
+        if not getattr(e, "unimrg_reported", False):   # unimrg.trainer.run logged it with the rank
+            traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Exit now: interpreter shutdown may wait on loader workers or threads, and only this rank's
+        # exit lets torchrun / `srun --kill-on-bad-exit` stop the ranks still waiting for it.
+        os._exit(1)
+    sys.exit(code)

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from unimrg.batching import BATCH_POLICIES, LR_SCALINGS, PLACEMENTS, BatchPlan, PlanError, plan_batch
 from unimrg.data.loaders import DataConfig, und_text_ratio
+from unimrg.faults import FaultSpecError, parse_fault
 from unimrg.models import registry
 from unimrg.models.base import ModelConfig
 from unimrg.objective import ObjectiveConfig
@@ -79,6 +80,11 @@ class TrainConfig:
     stop_after: int = 0               # leave after this many steps (with a checkpoint); 0 = run to `steps`
     export_final: bool = True         # write consolidated weights to RUN/final/ at the end
     stages: list[StageConfig] = field(default_factory=list)   # [] = one stage of `steps` steps
+    # a rank making no progress this long (stuck in a collective, the data, the file system) logs
+    # its rank and phase and exits non-zero, so the job ends (0 = off); covers a checkpoint save too
+    hang_timeout_s: float = 900
+    max_skipped_steps: int = 3        # more consecutive skipped steps (non-finite loss/grads) stop the run
+    debug_fault: str = ""             # TEST HOOK (unimrg/faults.py): inject an exception, hang or NaN
 
 
 @dataclass
@@ -358,6 +364,16 @@ def validate(cfg: Config, dp_size: int) -> BatchPlan:
         raise ConfigError(f"train.zero_stage={t.zero_stage}: use 1, 2 or 3")
     if t.steps < 1 or t.stop_after < 0:
         raise ConfigError(f"train.steps={t.steps} must be ≥ 1 and train.stop_after={t.stop_after} ≥ 0")
+    if t.hang_timeout_s < 0 or t.max_skipped_steps < 0:
+        raise ConfigError(f"train.hang_timeout_s={t.hang_timeout_s} and train.max_skipped_steps="
+                          f"{t.max_skipped_steps} must be ≥ 0 (hang_timeout_s=0 turns the watchdog off)")
+    try:
+        fault = parse_fault(t.debug_fault)
+    except FaultSpecError as e:
+        raise ConfigError(str(e)) from None
+    if fault and fault.task and fault.task not in cfg.objective.tasks:
+        raise ConfigError(f"train.debug_fault={t.debug_fault!r}: task {fault.task!r} is not in "
+                          f"objective.tasks={cfg.objective.tasks}")
     if t.ds_config and not repo_path(t.ds_config).is_file():
         raise ConfigError(f"train.ds_config={t.ds_config}: no such file (see ds_configs/)")
     check_ds_config(cfg)

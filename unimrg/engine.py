@@ -146,6 +146,15 @@ class Engine:
         """Called after every micro-step; DeepSpeed steps the optimizer at accumulation boundaries."""
         self.ds.step()
 
+    def step_applied(self) -> bool:
+        """Did the last optimizer step update the weights? DeepSpeed skips a step whose gradients are
+        not finite (fp32, and bf16 with its default ``check_grad_overflow``), on every rank alike."""
+        return self.ds.was_step_applied()
+
+    def skipped_steps(self) -> int:
+        """Optimizer steps DeepSpeed skipped in this run (kept in its checkpoints)."""
+        return self.ds.skipped_steps
+
     def grad_norm(self) -> float:
         n = self.ds.get_global_grad_norm()
         return float(n) if n is not None else float("nan")

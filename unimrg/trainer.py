@@ -5,12 +5,15 @@
 Per optimizer step: ``grad_accum`` micro-steps, each holding the tasks the objective's schedule names
 (round-robin: one task; joint: all), a λ-weighted loss, ``engine.backward`` and ``engine.step``.
 Logs per-task losses to TensorBoard and RUN/metrics/rank{r}.jsonl, checkpoints atomically.
+Fails fast: an exception on one rank is logged with its rank and ends the job in seconds (``run``);
+a rank without progress for ``train.hang_timeout_s`` is ended by the ``Watchdog``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import faulthandler
 import json
 import math
 import os
@@ -18,7 +21,9 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
+import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -31,11 +36,53 @@ from unimrg.config import Config, batch_arithmetic, stage_config, stage_plans, t
 from unimrg.data.batches import UnderstandingBatch
 from unimrg.data.loaders import UND_TEXT, TaskLoaders
 from unimrg.models.official_io import load_adapter_state
+from unimrg.faults import parse_fault
 from unimrg.models.registry import build_model
 from unimrg.objective import Objective
 from unimrg.tasks import TASKS
 from unimrg.runfolder import COMPLETE, check_checkpoint_config, find_checkpoint
 from unimrg.signals import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS  # noqa: F401 (re-exported)
+
+
+class SkippedStepsError(RuntimeError):
+    """More than ``train.max_skipped_steps`` optimizer steps in a row were skipped (non-finite)."""
+
+
+class Watchdog(threading.Thread):
+    """Turns a rank that makes no progress for ``timeout_s`` into a logged error and a non-zero exit.
+
+    The trainer calls ``progress(phase)`` as it moves (a tuple assignment: nothing on the hot path);
+    if the phase has not changed for ``timeout_s`` the thread prints the rank, the phase and every
+    thread's Python stack, and ends the process, so torchrun / ``srun --kill-on-bad-exit`` end the job."""
+
+    def __init__(self, timeout_s: float, rank: int | str):
+        super().__init__(daemon=True, name="unimrg-watchdog")
+        self.timeout_s, self.rank = timeout_s, rank
+        self.state = ("start-up", time.monotonic())
+        self.done = threading.Event()
+        if timeout_s > 0:
+            self.start()
+
+    @property
+    def phase(self) -> str:
+        return self.state[0]
+
+    def progress(self, phase: str) -> None:
+        self.state = (phase, time.monotonic())
+
+    def run(self) -> None:
+        while not self.done.wait(min(1.0, self.timeout_s / 4)):
+            phase, since = self.state
+            if time.monotonic() - since > self.timeout_s:
+                print(f"rank {self.rank}: error: stuck in {phase} for {time.monotonic() - since:.0f} s "
+                      f"(train.hang_timeout_s={self.timeout_s:g}); exiting so the job ends. Python stacks:",
+                      file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                sys.stdout.flush()
+                os._exit(1)
+
+    def stop(self) -> None:
+        self.done.set()
 
 
 def lr_lambda(cfg: Config, steps: int):
@@ -100,7 +147,8 @@ class TaskStreams:
 class Trainer:
     """Trains one stage of a run (most runs have a single stage); ``run`` chains the stages."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, watchdog: Watchdog | None = None):
+        self.watchdog = watchdog or Watchdog(0, "?")
         # First thing: a preemption warning during start-up must not kill the rank.
         self.stop_requested, self.stop_signal = False, ""
         for sig in PREEMPTION_SIGNALS:
@@ -130,6 +178,7 @@ class Trainer:
 
         # Same seed on every rank for the weights; per-rank seeds for noise, masks and prompts.
         torch.manual_seed(cfg.train.seed)
+        self.watchdog.progress("start-up: building the model and the DeepSpeed engine")
         model = build_model(cfg.model)   # DeepSpeed casts it to bf16 if train.precision says so
         model.apply_freezing([name for f in stage.freeze for name in
                               (model.understanding_module_names() if f == "understanding" else [f])])
@@ -148,6 +197,7 @@ class Trainer:
         self.ds_config = eng.resolve_ds_config(cfg, self.plan)
         self.engine = eng.Engine(model, self.ds_config, optimizer,
                                  lr_lambda(cfg, self.stage_end - self.stage_start))
+        self.watchdog.progress("start-up: starting the data loaders")
         self.objective = Objective(cfg.objective, seed=cfg.train.seed + self.rank)
         # Each task's data is sharded over the ranks that run it (all ranks unless task-parallel).
         self.my_tasks = self.plan.rank_tasks(self.rank)
@@ -166,6 +216,8 @@ class Trainer:
         # Each task's batch shapes as the adapter received them, logged with this stage's first step
         # (the paper-shape smoke tests check them; a wrong resolution or batch shows at a glance).
         self.batch_shapes: dict[str, dict] | None = {}
+        self.skips_in_row = 0                  # consecutive skipped optimizer steps
+        self.fault = parse_fault(cfg.train.debug_fault)   # TEST HOOK; None in real runs
         self.writer = None
         if self.rank == 0:
             self.write_run_files()
@@ -178,6 +230,7 @@ class Trainer:
         self.set_aside_rows_after(metrics_path, state["step"])
         self.metrics = open(metrics_path, "a")
         if self.resume_from is not None:
+            self.watchdog.progress(f"start-up: loading {self.resume_from}")
             self.load(self.resume_from, state, engine_state=not self.new_stage)
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -194,7 +247,9 @@ class Trainer:
             t0 = time.time()
             losses, counts = self.train_step()
             self.step += 1
+            self.watchdog.progress(f"logging / checkpointing after step {self.step}")
             self.log(losses, counts, time.time() - t0, t_start, step_start, last)
+            self.check_skipped(losses)
             if self.step == self.stage_end and self.stage_end < cfg.train.steps:
                 self.export(self.stage_export(self.stage))   # before the checkpoint that needs it
             if self.step % cfg.train.checkpoint_every == 0 or self.step == last:
@@ -228,19 +283,24 @@ class Trainer:
         sums, n_micro, counts = defaultdict(float), defaultdict(int), defaultdict(int)
         for micro in range(self.plan.grad_accum):
             tasks = self.plan.micro_step_tasks(self.rank, micro)
+            where = f"step {self.step + 1} (task {'+'.join(tasks)})"
+            self.watchdog.progress(f"loading the data of {where}")
             with self.streams(tasks):
                 batches = [self.objective.add_prompts(self.loaders.next(t)) for t in tasks]
                 if self.batch_shapes is not None:
                     for b in batches:
                         self.batch_shapes.setdefault(b.task, batch_shapes(b))
-                task_losses = self.engine(batches)
+                self.watchdog.progress(f"forward of {where}")
+                task_losses = self.debug_fault(self.engine(batches))
             loss = self.objective.total(task_losses) * self.plan.loss_scale
             if self.plan.placement == "task_parallel" and micro == self.plan.grad_accum - 1:
                 # ZeRO-1 reduces, at the boundary, every parameter that has a gradient, in order:
                 # every rank must hold one for every trainable parameter, including those its tasks
                 # never touch (zero), or the ranks' reduction buckets would differ.
                 loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in self.trainable if p.numel())
+            self.watchdog.progress(f"backward of {where}")
             self.engine.backward(loss)
+            self.watchdog.progress(f"optimizer step of {where}")
             self.engine.step()
             for b in batches:
                 counts[b.task] += len(b)
@@ -251,6 +311,53 @@ class Trainer:
         for t, n in counts.items():
             self.samples_seen[t] += n
         return {t: sums[t] / n_micro[t] for t in sums}, dict(counts)
+
+    def debug_fault(self, task_losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """TEST HOOK (``train.debug_fault``, unimrg/faults.py): raise, hang or make a loss NaN."""
+        f, step = self.fault, self.step + 1
+        if f is None or not f.hits(step, self.rank):
+            return task_losses
+        if f.kind == "raise":
+            raise RuntimeError(f"train.debug_fault: injected failure on rank {self.rank} at step {step}")
+        if f.kind == "hang":
+            time.sleep(10**9)
+        # times NaN (not plus): the gradients become NaN too, as in a real divergence
+        return {t: loss * float("nan") if f.task in ("", t) else loss for t, loss in task_losses.items()}
+
+    def check_skipped(self, losses: dict[str, float]) -> None:
+        """Skipped-step guard. DeepSpeed skips an optimizer step whose gradients are not finite; count
+        it (``train/skipped_steps``), warn, and stop after more than ``train.max_skipped_steps`` in a
+        row: a run whose every step is skipped must not go on and export stale weights."""
+        applied, bad = self.engine.step_applied(), [t for t, v in losses.items() if not math.isfinite(v)]
+        if self.writer is not None:
+            self.writer.add_scalar("train/skipped_steps", self.engine.skipped_steps(), self.step)
+        if applied:
+            if bad:   # a DeepSpeed config with bf16.check_grad_overflow=false; nothing saved at this step
+                raise SkippedStepsError(
+                    f"step {self.step}: the loss of task {', '.join(bad)} is not finite on rank {self.rank} "
+                    f"but the optimizer step was applied, so the weights may hold NaN now; resume from the "
+                    f"last checkpoint ({self.ckpt_dir}) with gradient overflow checks on")
+            self.skips_in_row = 0
+            return
+        self.skips_in_row += 1
+        # the skip is the same on every rank (DeepSpeed all-reduces the overflow); which task, is not
+        flags = torch.tensor([float(t in bad) for t in self.objective.tasks])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad = [t for t, f in zip(self.objective.tasks, flags.tolist()) if f]
+        what = (f"the loss of task {', '.join(bad)} was not finite" if bad else
+                f"the gradients were not finite (grad norm {self.engine.grad_norm()}) with finite losses")
+        limit = self.cfg.train.max_skipped_steps
+        if self.skips_in_row > limit:
+            raise SkippedStepsError(
+                f"{self.skips_in_row} optimizer steps in a row skipped (steps {self.step - self.skips_in_row + 1}"
+                f"–{self.step}; more than train.max_skipped_steps={limit}): {what}. The weights are still "
+                f"those of step {self.step - self.skips_in_row}; last complete checkpoint: "
+                f"{find_checkpoint(self.ckpt_dir, 'latest') or 'none'}. Check that task's data, or lower "
+                "optim.lr, before resuming")
+        if self.rank == 0:
+            print(f"warning: step {self.step} skipped: {what}; {self.engine.skipped_steps()} skipped in this run, "
+                  f"{self.skips_in_row} in a row (more than train.max_skipped_steps={limit} stop the run)",
+                  file=sys.stderr, flush=True)
 
     # ---- logging -------------------------------------------------------------------------------
     def log(self, losses, counts, dt, t_start, step_start, last) -> None:
@@ -432,13 +539,34 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed % 2**32)
 
-    def close(self) -> None:
-        self.loaders.close()   # energon workers otherwise linger until garbage collection
-        self.engine.close()
+    def close(self, ok: bool = True) -> None:
+        """Free workers, engine and files. ``ok=False`` (after an error, the process about to exit)
+        only flushes the logs: no collective, as the other ranks may be anywhere and a barrier would
+        hang until the process-group timeout, and no worker joins (exiting ends the workers)."""
+        if ok:
+            self.loaders.close()   # energon workers otherwise linger until garbage collection
+            self.engine.close()
         if self.writer is not None:
             self.writer.close()
         self.metrics.close()
-        dist.barrier()
+        if ok:
+            dist.barrier()
+
+
+def abort_process_group(timeout_s: float = 10) -> None:
+    """Abort this rank's process group, so that peers blocked in a collective with it fail now instead
+    of at the timeout (gloo: their sockets close; NCCL: communicators abort). Best effort, bounded."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+
+    def abort():
+        try:
+            dist.distributed_c10d._abort_process_group()
+        except Exception:   # noqa: BLE001 -- private API; exiting closes the connections anyway
+            pass
+    t = threading.Thread(target=abort, daemon=True)
+    t.start()
+    t.join(timeout_s)
 
 
 def batch_shapes(b) -> dict:
@@ -454,15 +582,35 @@ def batch_shapes(b) -> dict:
 
 
 def run(cfg: Config) -> int:
-    """Train every remaining stage; the next stage starts from the checkpoint the last one wrote."""
-    while True:
-        trainer = Trainer(cfg)
-        try:
+    """Train every remaining stage; the next stage starts from the checkpoint the last one wrote.
+
+    On an exception: log it with the rank and phase, clean up without collectives, abort the process
+    group and re-raise (launch/train.py then exits at once; under submitit the error is recorded)."""
+    watchdog = Watchdog(cfg.train.hang_timeout_s, os.environ.get("RANK", "0"))
+    trainer = None
+    try:
+        while True:
+            watchdog.progress("start-up (model, engine, data loaders, resume)")
+            trainer = Trainer(cfg, watchdog)
             code = trainer.fit()
             more = code == 0 and trainer.next_stage()
-        finally:
+            watchdog.progress("closing the stage")
             trainer.close()
-            sys.stdout.flush()
-        if not more:
-            return code
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume="latest"))
+            trainer = None
+            if not more:
+                return code
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume="latest"))
+    except BaseException as e:
+        print(f"rank {os.environ.get('RANK', '0')}: error during {watchdog.phase}: {type(e).__name__}: {e}\n"
+              f"{traceback.format_exc()}", file=sys.stderr, flush=True)
+        e.unimrg_reported = True   # launch/train.py: do not print it twice
+        try:
+            if trainer is not None:
+                trainer.close(ok=False)
+        except Exception:   # noqa: BLE001 -- the first error is the one to report
+            pass
+        abort_process_group()
+        raise
+    finally:
+        watchdog.stop()
+        sys.stdout.flush()
