@@ -37,6 +37,7 @@ from unimrg.data.batches import UnderstandingBatch
 from unimrg.data.loaders import UND_TEXT, TaskLoaders
 from unimrg.models.official_io import load_adapter_state
 from unimrg.faults import parse_fault
+from unimrg.eval.intrain import Evaluator
 from unimrg.models.registry import build_model
 from unimrg.objective import Objective
 from unimrg.tasks import TASKS
@@ -232,6 +233,8 @@ class Trainer:
         if self.resume_from is not None:
             self.watchdog.progress(f"start-up: loading {self.resume_from}")
             self.load(self.resume_from, state, engine_state=not self.new_stage)
+        self.evaluator = Evaluator(cfg.eval, self.objective.tasks, cfg.model.image_size, cfg.data.scene_seed,
+                                   self.run_dir, self.rank, self.world, self.writer, cfg.train.zero_stage == 3)
 
     # ---- the loop ------------------------------------------------------------------------------
     def fit(self) -> int:
@@ -250,6 +253,8 @@ class Trainer:
             self.watchdog.progress(f"logging / checkpointing after step {self.step}")
             self.log(losses, counts, time.time() - t0, t_start, step_start, last)
             self.check_skipped(losses)
+            if self.evaluator.due(self.step, last):   # all ranks (ZeRO-3); off the throughput clock and ETA
+                t_start += self.evaluator.run(self.engine, self.step)
             if self.step == self.stage_end and self.stage_end < cfg.train.steps:
                 self.export(self.stage_export(self.stage))   # before the checkpoint that needs it
             if self.step % cfg.train.checkpoint_every == 0 or self.step == last:
