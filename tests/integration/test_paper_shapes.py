@@ -110,7 +110,7 @@ def test_one_step_at_paper_shapes(recipe, paper_assets, tmp_path):
                  "harmon": f"model.llm_path={paper_assets['qwen']}"}[model]
     # Random weights on purpose (no release can be downloaded); the recipe's per-GPU batch on 2 ranks.
     overrides = ["model.smoke=true", "model.init=random", tokenizer, f"data.root={paper_assets['data']}",
-                 "data.num_workers=1", "train.global_batch_size=0", "train.batch_policy=fixed_per_gpu"]
+                 "data.num_workers=1", "train.global_batch_size=0", "train.batch_policy=fixed_per_gpu", "eval.every=0"]
     two_stages = recipe == "openuni_paper"
     if two_stages:
         overrides += ["train.steps=2", "train.stages=[{steps: 1}, {steps: 1, tasks: [pix], freeze: [understanding]}]"]
