@@ -49,7 +49,7 @@ def test_full_size_at_other_resolution_needs_the_override(model):
 
 def test_dry_run_prints_resolution_tokens_and_sequences(scene_root):
     r = run_submit(["--model", "openuni", "--recipe", "paper", "--nodes", "1", "--gpus-per-node", "8",
-                    "--dry-run", f"data.root={scene_root}"], timeout=120)
+                    "--dry-run", f"data.root={scene_root}", "model.init=random"], timeout=120)
     assert r.returncode == 0, r.stderr
     assert "input images 448 px, generation targets 512 px (native 448 / 512)" in r.stdout
     assert "und   images (4, 3, 448, 448); image tokens 256, sequence ≤ 2048" in r.stdout
@@ -58,7 +58,7 @@ def test_dry_run_prints_resolution_tokens_and_sequences(scene_root):
                 "queries 256, LLM sequence ≤ 2304, target latent tokens 256") in r.stdout
 
     r = run_submit(["--model", "showo", "--recipe", "paper", "--nodes", "1", "--gpus-per-node", "8",
-                    "--dry-run", f"data.root={scene_root}", "model.image_size=56"], timeout=120)
+                    "--dry-run", f"data.root={scene_root}", "model.init=random", "model.image_size=56"], timeout=120)
     assert r.returncode == 2 and "model.non_native_resolution=true" in r.stderr
 
 

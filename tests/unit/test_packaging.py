@@ -60,4 +60,4 @@ def test_installed_copy_resolves_recipes_and_ds_configs_outside_the_checkout(whe
     res = subprocess.run([sys.executable, "-m", "launch.submit", "--model", "showo", "--recipe", "tiny",
                           "--dry-run"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    assert "dry run: config, batch arithmetic and paths are valid" in res.stdout
+    assert "dry run: config, batch arithmetic, paths and run folder are valid" in res.stdout

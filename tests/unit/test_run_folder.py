@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m pytest tests/unit/test_run_folder.py -q
 
-The checkpoint here is the marker the trainer writes last (tests/integration/test_run_folder.py trains
+The checkpoint here is the marker the trainer writes last (tests/integration/test_run_folder_resume.py trains
 and resumes for real).
 """
 

@@ -1,6 +1,6 @@
 """A run folder keeps its word across launches: the bug report's run, stopped and resumed for real.
 
-    python -m pytest tests/integration/test_run_folder.py -q
+    python -m pytest tests/integration/test_run_folder_resume.py -q
 
 Launched with train.steps=8 train.stop_after=4 optim.lr=2e-4 and a custom data.root, then resumed with
 ``--resume latest train.steps=12``: the resume keeps lr and data.root, runs steps 5..12 once, records
