@@ -19,8 +19,12 @@ Communication, per GPU per optimizer step, in bf16 (2 bytes) with Ψ = 2 × trai
   frozen parameters in forward (2 × frozen), gradients reduce-scattered (Ψ); no step-end all-gather.
 
 ``collective_payloads`` lists these as (collective, bytes of the full tensor) — the unit test
-(tests/integration/test_scale_plan.py) checks them against the collectives a real DeepSpeed engine
-issues at world size 2. Wire bytes use the hierarchical (intra-node first, then inter-node) algorithm:
+(tests/integration/test_scale_plan.py) checks the ZeRO-1/2 ones byte for byte against the collectives a
+real DeepSpeed engine issues at world size 2 (on gloo DeepSpeed reduces with all-reduce: same payload).
+Round-robin micro-steps leave some trainable parameters without a gradient and ZeRO-2 reduces only the
+others: the table's all-of-Ψ per micro-step is an upper bound (tiny OpenUni: 3.09 Ψ over 4 micro-steps,
+not 4). ZeRO-3 is the plain model (tiny models keep every parameter whole under DeepSpeed's
+persistence threshold, so no test at world size 2 can count its gathers). Wire bytes use the hierarchical (intra-node first, then inter-node) algorithm:
 a reduce-scatter or all-gather of S bytes over l GPUs per node and n nodes moves S(l−1)/l per GPU over
 NVLink and S(n−1)/(n·l) per GPU over the network; time = intra / NVLink + inter / IB per GPU (no overlap
 with compute assumed: an upper bound on what the step pays).
@@ -81,13 +85,19 @@ def stats_for(model: str, size: str = "full") -> dict[str, int]:
     return param_stats(registry.config_class(model)(name=model, size=size))
 
 
-def collective_payloads(stats: dict[str, int], zero: int, micro_steps: int) -> list[tuple[str, int]]:
-    """(collective, full-tensor bytes) per optimizer step per the module docstring's model."""
-    psi, frozen = 2 * stats["trainable"], 2 * stats["frozen"]
+def collective_payloads(stats: dict[str, int], zero: int, micro_steps: int, used: list[int] | None = None,
+                        dtype_bytes: int = 2) -> list[tuple[str, int]]:
+    """(collective, full-tensor bytes) per optimizer step per the module docstring's model.
+
+    ``used``: trainable parameters that get a gradient in each micro-step (round-robin: a task's
+    micro-step leaves other tasks' heads without one, and ZeRO-2 reduces only those that have one);
+    default all of them, an upper bound. ZeRO-1 reduces the whole gradient buffer once either way."""
+    psi, frozen = dtype_bytes * stats["trainable"], dtype_bytes * stats["frozen"]
+    used_b = [dtype_bytes * u for u in used] if used else [psi] * micro_steps
     if zero == 1:
         return [("reduce_scatter", psi), ("all_gather", psi)]
     if zero == 2:
-        return [("reduce_scatter", psi)] * micro_steps + [("all_gather", psi)]
+        return [("reduce_scatter", u) for u in used_b] + [("all_gather", psi)]
     if zero == 3:
         return [("all_gather", 2 * psi + frozen), ("reduce_scatter", psi)] * micro_steps
     raise ValueError(zero)
