@@ -367,6 +367,8 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     runs = []
     jobs = []
+    device_gib = (torch.cuda.get_device_properties(0).total_memory / GiB if torch.cuda.is_available()
+                  else float("inf"))
     for model in args.models:
         for lay in args.layouts:
             stage = plan_stage(model, args.smoke) if lay == "plan" else int(lay)
@@ -385,6 +387,9 @@ def main(argv=None) -> dict:
             print(json.dumps({k: v for k, v in r.items() if k not in ("traceback", "params", "step_times_s")}),
                   flush=True)
             if r.get("status") != "oom" or not r.get("micro_per_task") or r["micro_per_task"] <= 1:
+                break
+            if r.get("predicted_states_gib", 0) > device_gib:   # model states alone: no micro-batch fits
+                r["error"] += f" (model states alone {r['predicted_states_gib']:.0f} GiB > {device_gib:.0f} GiB)"
                 break
             # the same samples per optimizer step in smaller micro-batches
             job = [job[0], job[1], r["micro_per_task"] // 2, r["grad_accum"] * 2]
