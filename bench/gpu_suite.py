@@ -348,8 +348,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", nargs="*", default=registry.names())
     ap.add_argument("--layouts", nargs="*", default=["2", "plan"], help="ZeRO stages; 'plan' = scale_plan's pick")
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after 2 warm-up steps)")
-    ap.add_argument("--budget-s", type=float, default=450, help="stop starting runs after this (targets excluded)")
-    ap.add_argument("--target-images", type=int, default=3)
+    ap.add_argument("--budget-s", type=float, default=360, help="stop starting runs after this (targets excluded)")
+    ap.add_argument("--target-images", type=int, default=2)
     ap.add_argument("--no-targets", action="store_true")
     ap.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: by device name)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -369,8 +369,12 @@ def main(argv=None) -> dict:
     jobs = []
     device_gib = (torch.cuda.get_device_properties(0).total_memory / GiB if torch.cuda.is_available()
                   else float("inf"))
-    for model in args.models:
-        for lay in args.layouts:
+    # Every model's ZeRO-2 first, then the plan's layouts; small models first within each, so that an
+    # out-of-memory retry of the largest cannot starve the others of the time budget.
+    from bench.scale_plan import stats_for
+    models = sorted(args.models, key=lambda m: stats_for(m, "tiny" if args.smoke else "full")["trainable"])
+    for lay in args.layouts:
+        for model in models:
             stage = plan_stage(model, args.smoke) if lay == "plan" else int(lay)
             if [model, stage, None, None] not in jobs:
                 jobs.append([model, stage, None, None])
