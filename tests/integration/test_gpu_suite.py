@@ -38,3 +38,11 @@ def test_stand_in_tokenizers_put_special_tokens_at_the_released_ids():
         assert {t: tok.convert_tokens_to_ids(t) for t in want} == want
         assert all(tok.convert_tokens_to_ids(t) == i for t, i in released_special_ids(model).items())
         assert tok("hi", add_special_tokens=False).input_ids == tok.convert_tokens_to_ids(["h", "i"])
+    # the adapters' own checks of a full-size tokenizer accept them
+    from unimrg.models.openuni.adapter import _check_tokenizer as check_openuni
+    from unimrg.models.openuni.arch import arch_for as openuni_arch
+    from unimrg.models.showo.adapter import ShowoConfig
+    from unimrg.models.showo.adapter import _check_tokenizer as check_showo
+    from unimrg.models.showo.arch import arch_for as showo_arch
+    check_openuni(stand_in_tokenizer("openuni"), openuni_arch("full"), "stand-in")
+    check_showo(stand_in_tokenizer("showo"), showo_arch("full", ShowoConfig(size="full").codebook_size, 0), "stand-in")
