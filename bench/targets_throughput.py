@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--iou-pass", type=float, default=1 / 3, help="tiny SAM only: share passing pred_iou")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (shared machines: 1 is steadier)")
+    ap.add_argument("--calibrate", action="store_true", help="random-weight --sam-model (e.g. bench/gpu_suite.py's "
+                                                             "SAM-H): calibrate thresholds as for the tiny SAM")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     w, h = (int(v) for v in args.size.lower().split("x"))
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> float:
         model, processor = load_sam(path)
     model = model.eval().to(args.device)
     cfg = SegmentationConfig(points_per_side=args.points_per_side)
-    if not args.sam_model:
+    if not args.sam_model or args.calibrate:
         cfg = calibrate(model, processor, images[0], cfg, args.iou_pass)
     ours = SegmentationTargetMaker(model, processor, cfg, args.device)
     pipe = reference_pipeline(model, processor, args.device)
@@ -144,7 +146,11 @@ def main(argv: list[str] | None = None) -> float:
           f"{spent['filter_masks'] / n:.2f} s/image)")
     print(f"ours      : {n / t_ours:.3f} images/s ({t_ours / n:.2f} s/image, incl. boundary maps)")
     print(f"speed-up  : {ratio:.2f}x (goal >= 1.5x)")
+    LAST.update(ours_img_s=n / t_ours, pipeline_img_s=n / t_pipe, masks_per_image=counts)
     return ratio
+
+
+LAST: dict = {}   # the last run's rates, for bench/gpu_suite.py
 
 
 if __name__ == "__main__":
