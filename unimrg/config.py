@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from unimrg.batching import BATCH_POLICIES, LR_SCALINGS, PLACEMENTS, BatchPlan, PlanError, plan_batch
 from unimrg.data.loaders import DataConfig
+from unimrg.eval.intrain import EvalConfig
 from unimrg.models import registry
 from unimrg.models.base import ModelConfig
 from unimrg.objective import ObjectiveConfig
@@ -90,6 +91,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def repo_path(path: str) -> Path:
@@ -251,5 +253,11 @@ def validate(cfg: Config, dp_size: int) -> BatchPlan:
                           "to the official weights; nothing is downloaded)")
     if cfg.run.resume not in ("", "latest") and not Path(cfg.run.resume).is_dir():
         raise ConfigError(f"run.resume={cfg.run.resume}: no such checkpoint folder (or use 'latest')")
+    e = cfg.eval
+    if e.every < 0 or (e.every and (e.num_images < 1 or e.batch_size < 1 or e.max_new_tokens < 1)):
+        raise ConfigError(f"eval.every={e.every} must be ≥ 0 (0 = off); eval.num_images={e.num_images}, "
+                          f"eval.batch_size={e.batch_size}, eval.max_new_tokens={e.max_new_tokens} must be ≥ 1")
+    if e.every and e.source != "scenes" and not Path(e.source).is_dir():
+        raise ConfigError(f"eval.source={e.source}: use 'scenes' or an existing image folder / prepared data root")
     plans = [batch_arithmetic(stage_config(cfg, s), dp_size) for _, _, s in stage_plans(cfg)]
     return plans[0]

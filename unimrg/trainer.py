@@ -29,6 +29,7 @@ import torch.distributed as dist
 from unimrg import engine as eng
 from unimrg.config import Config, batch_arithmetic, stage_config, stage_plans, to_yaml, validate
 from unimrg.data.loaders import TaskLoaders
+from unimrg.eval.intrain import Evaluator
 from unimrg.models.registry import build_model
 from unimrg.objective import Objective
 from unimrg.tasks import TASKS
@@ -174,6 +175,8 @@ class Trainer:
         self.metrics = open(self.run_dir / "metrics" / f"rank{self.rank}.jsonl", "a")
         if self.resume_from is not None:
             self.load(self.resume_from, state, engine_state=not self.new_stage)
+        self.evaluator = Evaluator(cfg.eval, self.objective.tasks, cfg.model.image_size, cfg.data.scene_seed,
+                                   self.run_dir, self.rank, self.world, self.writer, cfg.train.zero_stage == 3)
 
     # ---- the loop ------------------------------------------------------------------------------
     def fit(self) -> int:
@@ -190,6 +193,8 @@ class Trainer:
             losses, counts = self.train_step()
             self.step += 1
             self.log(losses, counts, time.time() - t0, t_start, step_start, last)
+            if self.evaluator.due(self.step, last):   # all ranks (ZeRO-3); off the throughput clock and ETA
+                t_start += self.evaluator.run(self.engine, self.step)
             if self.step == self.stage_end and self.stage_end < cfg.train.steps:
                 self.export(self.stage_export(self.stage))   # before the checkpoint that needs it
             if self.step % cfg.train.checkpoint_every == 0 or self.step == last:

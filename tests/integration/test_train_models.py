@@ -11,7 +11,7 @@ import statistics
 import pytest
 import torch
 
-from tests.integration.test_train_openuni import initial_weights, metrics, tb_tags, train
+from tests.integration.test_train_openuni import EVAL_TAGS, initial_weights, metrics, tb_tags, train
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +39,8 @@ def test_four_tasks_under_zero(tmp_path, model, zero):
         last = statistics.median(r["global_losses"][task] for r in rows[10:])
         assert last < first, f"{model} ZeRO-{zero} {task}: median loss of steps 11-20 {last:.4f} ≥ steps 1-10 {first:.4f}"
     assert {"loss/und", "loss/pix", "loss/depth", "loss/seg", "loss/total"} <= tb_tags(tmp_path)
+    assert EVAL_TAGS <= tb_tags(tmp_path)          # in-training evaluation ran (ZeRO-3: on all ranks)
+    assert (tmp_path / "eval" / "step_0000020" / "grid.png").is_file()
 
     final = torch.load(tmp_path / "final" / "model.pt")
     init, frozen = initial_weights(tmp_path)

@@ -205,3 +205,38 @@ def test_bf16_run_exports_the_fp32_masters(tmp_path, scene_root):
     assert all(final[n].dtype == torch.float32 for n in trained)
     assert any(not torch.equal(final[n], final[n].bfloat16().float()) for n in trained)   # real fp32 values
     assert all(final[n].dtype == torch.bfloat16 for n in frozen)   # frozen weights live in bf16 under bf16
+
+
+def test_in_training_eval_zero2_and_zero3(zero2_run, zero3_run):
+    """The tiny recipe evaluates at steps 10 and 20: TensorBoard grid + every eval/* scalar, the grid's
+    layout (rows = held-out scenes; input | depth target | depth | seg target | seg | recon), and ZeRO-3
+    (every rank in the sampler forward, root-owned weights gathered) gives ZeRO-2's numbers."""
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from unimrg.data.scenes import make_scene
+    from unimrg.eval.intrain import EVAL_COLUMNS, HELD_OUT_INDEX
+    scalars = {}
+    for run in (zero2_run, zero3_run):
+        acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
+        acc.Reload()
+        assert EVAL_TAGS <= set(acc.Tags()["scalars"]), sorted(EVAL_TAGS - set(acc.Tags()["scalars"]))
+        assert [e.step for e in acc.Images("samples/grid")] == [10, 20]
+        assert [e.step for e in acc.Scalars("eval/depth_similarity")] == [10, 20]
+        scalars[run] = json.loads((run / "eval" / "step_0000020" / "metrics.json").read_text())
+        grid = np.asarray(Image.open(run / "eval" / "step_0000020" / "grid.png"))
+        assert grid.shape == (2 * 56, len(EVAL_COLUMNS) * 56, 3)          # 2 images × 6 columns of 56 px
+        for row in range(2):
+            scene = make_scene(0, HELD_OUT_INDEX + row, 56)
+            cell = lambda col: grid[row * 56:(row + 1) * 56, col * 56:(col + 1) * 56]   # noqa: E731
+            assert np.abs(cell(0).astype(int) - scene.image).mean() < 2        # input (bilinear at the same size)
+            assert np.array_equal(cell(1)[..., 0], np.round(scene.depth * 255).astype(np.uint8))
+            assert np.array_equal(cell(3), scene.boundary)
+    z2, z3 = scalars[zero2_run], scalars[zero3_run]
+    for k in EVAL_TAGS - {"eval/seconds"}:
+        assert z3[k] == pytest.approx(z2[k], abs=1e-3), k
+
+
+EVAL_TAGS = {"eval/depth_similarity", "eval/seg_boundary_f1", "eval/recon_psnr", "eval/und_accuracy",
+             "eval/und_accuracy/closer", "eval/und_accuracy/count", "eval/und_accuracy/left_right", "eval/seconds"}

@@ -67,19 +67,22 @@ def build_model(name: str, overrides: Sequence[str], state_dict: str | None, dev
     return model.to(device=device, dtype=dtype).eval(), cfg
 
 
-def generate(model, images: torch.Tensor, prompts: dict[str, str], seed: int, **opts) -> dict[str, torch.Tensor]:
+def generate(model, images: torch.Tensor, prompts: dict[str, str], seed: int,
+             tasks: Sequence[str] = (DEPTH, SEG, PIX), **opts) -> dict[str, torch.Tensor]:
     """Per task: float (B, 3, S, S) in [0, 1]."""
     b = images.shape[0]
-    return {task: model.sample(images, [prompts[task]] * b, seed=seed, **opts).float().cpu()
-            for task in (DEPTH, SEG, PIX)}
+    return {task: model.sample(images, [prompts[task]] * b, seed=seed, **opts).float().cpu() for task in tasks}
 
 
-def grid(images: torch.Tensor, outputs: dict[str, torch.Tensor]) -> Image.Image:
-    """Rows = images; columns input | depth | seg | recon, every cell at the generated size."""
-    size = max(o.shape[-1] for o in outputs.values())
+def grid(images: torch.Tensor, outputs: dict[str, torch.Tensor], columns: Sequence[str] = COLUMNS) -> Image.Image:
+    """Rows = images; ``columns``: "input", then keys of ``outputs`` (float (B, 1 or 3, S, S) in [0, 1]; a
+    key missing from ``outputs`` is a black column). Every cell at the largest output size."""
+    size = max([o.shape[-1] for o in outputs.values()] or [images.shape[-1]])
     cells = [torch.nn.functional.interpolate(images.float() / 255, size=(size, size), mode="bilinear",
                                              antialias=True, align_corners=False)]
-    cells += [torch.nn.functional.interpolate(outputs[t], size=(size, size), mode="nearest") for t in COLUMNS[1:]]
+    for c in columns[1:]:
+        o = outputs[c].float().expand(-1, 3, -1, -1) if c in outputs else torch.zeros(images.shape[0], 3, size, size)
+        cells.append(torch.nn.functional.interpolate(o, size=(size, size), mode="nearest"))
     rows = torch.cat([torch.cat([c[i] for c in cells], dim=2) for i in range(images.shape[0])], dim=1)  # (3, H, W)
     return Image.fromarray((rows.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
 

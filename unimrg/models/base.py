@@ -113,6 +113,14 @@ class UMMAdapter(nn.Module, abc.ABC):
             self.get_submodule(name).eval()
         return self
 
+    # ---- inference ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def answer(self, images: torch.Tensor, questions: Sequence[str], max_new_tokens: int = 32, *,
+               early_stop: bool = True) -> list[str]:
+        """Greedy (arg-max) answers, one per (uint8 (B, 3, H, W) image, question) pair, through the
+        model's understanding path and chat format; batched, deterministic (no sampling), eval mode.
+        ``early_stop=False`` always runs ``max_new_tokens`` forwards (ZeRO-3 ranks stay in step)."""
+
     # ---- weights -----------------------------------------------------------------------------
     def load_official(self, path: str) -> None:
         """Load the released checkpoint from a local path; report missing / unexpected keys by name."""

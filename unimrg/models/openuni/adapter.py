@@ -228,6 +228,37 @@ class OpenUni(UMMAdapter):
         finally:
             self.train(was_training)
 
+    @torch.no_grad()
+    def answer(self, images: torch.Tensor, questions: list[str], max_new_tokens: int = 32, *,
+               early_stop: bool = True) -> list[str]:
+        """Greedy answers in the understanding format (InternVL chat, ``<img>…</img>\\n{question}``)."""
+        from unimrg.models.decoding import greedy_decode, left_align
+        if len(questions) != images.shape[0]:
+            raise ValueError(f"OpenUni.answer: {images.shape[0]} images but {len(questions)} questions")
+        device, dtype = self._device_dtype()
+        was_training = self.training
+        self.eval()
+        try:
+            feats = self.lmm.model.get_image_features(                      # (B, N, hidden)
+                pixel_values=self._vit_pixels(images, device, dtype)).pooler_output
+            system = f"{IM_START}system\n{self.system_message}{IM_END}\n" if self.system_message else ""
+            seqs = [self._encode(f"{system}{IM_START}user\n{self._image_tokens(feats.shape[1])}\n{q.strip()}"
+                                 f"{IM_END}\n{IM_START}assistant\n") for q in questions]
+            ids, mask = _pad(seqs, self._pad_id())
+            ids, mask = ids.to(device), mask.to(device)
+            embed = self.lmm.get_input_embeddings()
+            embeds = embed(ids)
+            embeds = embeds.masked_scatter((ids == self.arch.internvl.image_token_id).unsqueeze(-1),
+                                           feats.to(embeds.dtype))
+            mask, embeds = left_align(mask, embeds)
+            tok = self._tok()
+            out = greedy_decode(self.lmm.model.language_model, self.lmm.lm_head, embed, embeds, mask,
+                                max_new_tokens=max_new_tokens, early_stop=early_stop, vocab_size=len(tok),
+                                stop_ids=[tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(ENDOFTEXT)])
+            return [tok.decode(o, skip_special_tokens=True).strip() for o in out]
+        finally:
+            self.train(was_training)
+
     # ---- official weights ------------------------------------------------------------------------
     def load_official(self, path: str | None = None) -> KeyReport:
         """Load InternVL3-2B (``cfg.internvl_path``), SANA (``cfg.sana_path``), DC-AE (``cfg.vae_path``) and

@@ -256,6 +256,48 @@ class Showo(UMMAdapter):
         """Generate (B, 3, R, R) float images in [0, 1] for (image, prompt) pairs; see :meth:`generate_codes`."""
         return self.decode_codes(self.generate_codes(images, prompts, **kw))
 
+    def sample(self, images: torch.Tensor, prompts: list[str], *, seed: int = 0, **kw) -> torch.Tensor:
+        """The protocol's sampler name (``unimrg.eval.sample``): :meth:`generate`."""
+        return self.generate(images, prompts, seed=seed, **kw)
+
+    @torch.no_grad()
+    def answer(self, images: torch.Tensor, questions: list[str], max_new_tokens: int = 32, *,
+               early_stop: bool = True) -> list[str]:
+        """Greedy answers in the understanding layout (<|mmu|> SYSTEM <|soi|> CLIP <|eoi|> "USER: q
+        ASSISTANT:"), with Show-o's attention mask over the prompt (CLIP positions visible to all)."""
+        from unimrg.models.decoding import greedy_decode, left_align
+        if len(questions) != images.shape[0]:
+            raise ValueError(f"Show-o answer: {images.shape[0]} images but {len(questions)} questions")
+        device, _ = self._device_dtype()
+        was_training = self.training
+        self.eval()
+        try:
+            feats = self.image_features(images)                                  # (B, n_clip, hidden)
+            head = [self.mmu_id] + (self._encode(self.system_message) if self.system_message else []) + [self.soi_id]
+            nc = self.arch.num_clip_tokens
+            seqs = [head + [self.pad_id] * nc + [self.eoi_id] + self._encode(f"USER: {q.strip()} ASSISTANT:")
+                    for q in questions]
+            length = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)
+            valid = torch.zeros(len(seqs), length, dtype=torch.bool)
+            clip = torch.zeros(len(seqs), length, dtype=torch.bool)
+            for i, s in enumerate(seqs):
+                ids[i, :len(s)] = torch.tensor(s)
+                valid[i, :len(s)] = True
+                clip[i, len(head):len(head) + nc] = True
+            valid, ids, clip = left_align(valid.to(device), ids.to(device), clip.to(device))
+            embed = self.showo.get_input_embeddings()
+            embeds = embed(ids)
+            embeds = embeds.masked_scatter(clip[..., None], feats.to(embeds.dtype))
+            mask4d = attention_mask(valid, torch.zeros_like(ids), clip, embeds.dtype)
+            tok = self._tok()
+            out = greedy_decode(self.showo.model, self.showo.lm_head, embed, embeds, valid,
+                                max_new_tokens=max_new_tokens, early_stop=early_stop, vocab_size=len(tok),
+                                stop_ids=[self._eos_id()], prefix_mask_4d=mask4d)
+            return [tok.decode(o, skip_special_tokens=True).strip() for o in out]
+        finally:
+            self.train(was_training)
+
     # ---- official weights ----------------------------------------------------------------------------
     def load_official(self, path: str) -> dict[str, KeyReport]:
         """Show-o folder (or its ``pytorch_model.bin``) at ``path``; MAGVIT-v2 and CLIP-ViT from
