@@ -191,3 +191,13 @@ class Engine:
                 if b is not None and name not in mod._non_persistent_buffers_set:
                     out[f"{mod_name}.{name}" if mod_name else name] = b.detach().cpu().clone()
         return out
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a saved ZeRO checkpoint folder (RUN/checkpoints/step_N, any stage, any rank count),
+    frozen parameters included, without building an engine (evaluation jobs)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "latest").is_file():   # a checkpoints/ folder: its `latest` tag
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
