@@ -436,7 +436,8 @@ def open_image(source, where: str):
         if source == BLANK:
             return Image.new("RGB", (448, 448), (128, 128, 128))
         if isinstance(source, bytes):
-            return decode_rgb(source, where)
+            return decode_rgb(source, "the row's image")
         return read_rgb(source)[1]
     except (OSError, ValueError) as e:
-        raise RowError(f"{where}: unreadable image: {e}") from None
+        # no object addresses (PIL names its BytesIO): the report must not depend on the process
+        raise RowError(f"{where}: unreadable image: {re.sub(r' ?<[^<>]* at 0x[0-9a-fA-F]+>', '', str(e))}") from None

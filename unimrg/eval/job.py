@@ -200,7 +200,7 @@ class Worker:
                 targets = {t: self.make_target(t, pil) if v == "make" else v for t, v in u.targets.items()}
                 ready.append((u, x, targets))
             except (B.RowError, ValueError, OSError) as e:
-                out[u.uid] = {"skipped": str(e) if u.where in str(e) else f"{u.where}: {e}"}
+                out[u.uid] = {"skipped": str(e).removeprefix(f"{u.where}: ")}
         qa = [r for r in ready if r[0].prompt is not None]
         if qa:
             got = self.model.answer(torch.stack([r[1] for r in qa]).to(self.device), [r[0].prompt for r in qa],
