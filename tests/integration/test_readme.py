@@ -78,4 +78,12 @@ def test_readme_demo_command_runs_in_a_copy_and_leaves_the_checkout_alone(repo, 
     run_dir = copy / "runs" / "demo"
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert (run_dir / "final" / "model.pt").is_file()
+    # the demo's in-training evaluation (layout and values: test_train_openuni.test_in_training_eval_zero2_and_zero3)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.integration.test_train_openuni import EVAL_TAGS
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    assert EVAL_TAGS <= set(acc.Tags()["scalars"]) and "samples/grid" in acc.Tags()["images"]
+    assert "s per eval" in res.stdout
     assert snapshot(repo / "runs" / "demo") == users_demo, "the test changed the checkout's runs/demo"

@@ -43,3 +43,32 @@ def test_answer_is_greedy_batched_and_deterministic(name):
     assert model.answer(images, questions, max_new_tokens=6, early_stop=False) == a
     with pytest.raises(ValueError, match="questions"):
         model.answer(images, questions[:2])
+
+
+def test_greedy_decode_equals_recomputing_the_whole_sequence():
+    """The KV-cached, left-aligned decoder picks the tokens a full forward over prompt + answer picks."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from unimrg.models.decoding import greedy_decode, left_align
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)).eval()
+    prompts = [[5, 6, 7, 8, 9], [11, 12]]
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p), True
+    embeds = lm.model.embed_tokens(ids)
+    mask_l, embeds_l = left_align(mask, embeds)
+    assert mask_l.tolist()[1] == [False, False, False, True, True]
+    got = greedy_decode(lm.model, lm.lm_head, lm.model.embed_tokens, embeds_l, mask_l, max_new_tokens=6,
+                        stop_ids=[0], vocab_size=40)
+    for p, g in zip(prompts, got):
+        seq = list(p)
+        with torch.no_grad():
+            for _ in range(6):
+                nxt = int(lm(input_ids=torch.tensor([seq])).logits[0, -1, :40].argmax())
+                if nxt == 0:
+                    break
+                seq.append(nxt)
+        assert g == seq[len(p):] and len(g) > 0

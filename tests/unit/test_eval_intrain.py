@@ -84,3 +84,9 @@ def test_eval_fields_are_validated():
         validate(load_config(RECIPES / "openuni_tiny.yaml", ["eval.num_images=0"]), 2)
     with pytest.raises(ConfigError, match="eval.source"):
         validate(load_config(RECIPES / "openuni_tiny.yaml", ["eval.source=/no/such/folder"]), 2)
+
+
+def test_due_every_n_steps_and_at_the_stage_end():
+    ev = lambda every: Evaluator(EvalConfig(every=every), ["und"], 32, 0, None, 0, 1)   # noqa: E731
+    assert [s for s in range(1, 26) if ev(10).due(s, 25)] == [10, 20, 25]
+    assert not any(ev(0).due(s, 25) for s in range(1, 26))              # eval.every=0: off, stage end too
