@@ -9,7 +9,8 @@
 
 ``--run-dir RUN`` picks the config: RUN/config.yaml when the run exists (trailing ``key=value`` overrides
 apply on top), else ``--model`` / ``--recipe`` + overrides (e.g. official weights via ``model.checkpoint``).
-The resolved config goes to RUN/eval/config.yaml; results to RUN/eval/<suite>.{json,md,answers.jsonl}.
+The resolved config goes to RUN/eval/config.yaml; results to RUN/eval/<suite>.{json,md,answers.jsonl}
+(``--out DIR``: to DIR instead).
 Options after ``--`` go to unimrg.eval.job unchanged (--limit, --num-scenes, --batch-size, --image-root,
 --max-new-tokens, --seed). Locally the ranks are torchrun processes; on SLURM, tasks of one submitit job.
 """
@@ -42,7 +43,7 @@ def write_config(args, run_dir: Path) -> Path:
 
 def job_argv(args, config: Path) -> list[str]:
     argv = ["--config", str(config), "--suite", args.suite, "--weights", args.weights]
-    for flag in ("benchmark", "images", "depth_model", "sam_model"):
+    for flag in ("benchmark", "images", "depth_model", "sam_model", "out"):
         if getattr(args, flag, None):
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     return argv + list(args.job_args)

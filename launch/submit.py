@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--cpu-ranks-per-node", type=int, default=None,
                    help="ranks per node when --gpus-per-node 0 (default: 2 ranks in all, at least 1 per node)")
     pre = ap.add_argument_group("--job preprocess (options after `--` go to unimrg.targets.job)")
-    pre.add_argument("--out", help="DATA_ROOT written by unimrg.targets.ingest; becomes the trainer's data.root")
+    pre.add_argument("--out", help="DATA_ROOT written by unimrg.targets.ingest; becomes the trainer's data.root "
+                     "(--job eval: results folder, default RUN/eval)")
     pre.add_argument("--images", help="image list (default DATA_ROOT/images.jsonl); --job eval: image folder "
                      "or prepared data root")
     pre.add_argument("--depth-model", help="local HF folder of Depth Anything V2")

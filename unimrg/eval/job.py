@@ -103,7 +103,8 @@ def load_weights(model, cfg, spec: str) -> str:
             raise FileNotFoundError(f"--weights auto: no {final}, no complete checkpoint in {run / 'checkpoints'} "
                                     "and no model.checkpoint=... (official weights): nothing to evaluate")
     path = Path(spec)
-    if path.is_dir() and (path / "latest").exists() or path.is_dir() and path.name.startswith("step_"):
+    # a DeepSpeed checkpoint (a tag folder with *model_states.pt, or checkpoints/ with `latest`), else weight files
+    if path.is_dir() and ((path / "latest").is_file() or any(path.glob("*model_states.pt"))):
         from unimrg.engine import consolidated_state_dict
         state = consolidated_state_dict(path)
     else:
