@@ -119,8 +119,9 @@ def sbatch_parameters(args) -> dict[str, Any]:
     return params
 
 
-def submit(args, run_dir: Path) -> int:
-    """Submit RUN to SLURM; return a process exit code (0: submitted, or finished if waiting)."""
+def submit(args, run_dir: Path, job: submitit.helpers.Checkpointable | None = None) -> int:
+    """Submit RUN to SLURM (``job``: what every task runs, default training); return a process exit code
+    (0: submitted, or finished if waiting)."""
     run_dir = Path(run_dir)
     try:
         params = sbatch_parameters(args)
@@ -133,7 +134,7 @@ def submit(args, run_dir: Path) -> int:
     executor = submitit.SlurmExecutor(folder=slurm_dir / "%j", max_num_timeout=args.max_requeues)
     executor.update_parameters(**params)
     try:
-        job = executor.submit(TrainJob(str(run_dir / "config.yaml"), max_requeues=args.max_requeues))
+        job = executor.submit(job or TrainJob(str(run_dir / "config.yaml"), max_requeues=args.max_requeues))
     except submitit.core.utils.FailedJobError as e:   # sbatch refused: bad partition, account, limits...
         print(f"submit.py: error: sbatch refused the job (parameters: {slurm_dir / 'parameters.json'}):\n{e}",
               file=sys.stderr)
@@ -230,6 +231,24 @@ class TrainJob(submitit.helpers.Checkpointable):
                   "the latest checkpoint is on disk: resubmit with --resume latest to continue", flush=True)
             return None   # submitit then fails the job with "Job not requeued because: ..."
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.max_requeues, self.requeues + 1))
+
+
+class EvalJob(submitit.helpers.Checkpointable):
+    """Every SLURM task of ``--job eval``: unimrg.eval.job on its rank (no requeue: rerunning is cheap)."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = argv
+
+    def __call__(self) -> dict:
+        env = export_torch_distributed_env()
+        from unimrg.eval.job import main
+        code = main(self.argv)
+        if code != 0:
+            raise RuntimeError(f"rank {env.rank}: unimrg.eval.job exited with code {code}")
+        return {"rank": env.rank, "status": "finished", "requeues": 0}
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
 
 def export_torch_distributed_env() -> submitit.helpers.TorchDistributedEnvironment:

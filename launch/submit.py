@@ -3,6 +3,7 @@
     python launch/submit.py --model openuni --recipe tiny --cluster local --run-dir runs/demo
     python launch/submit.py --model showo --nodes 2 --gpus-per-node 8 --cluster slurm --partition gpu
     python launch/submit.py --model openuni --recipe paper --nodes 1 --gpus-per-node 8 --dry-run
+    python launch/submit.py --job eval --suite scenes --run-dir runs/demo --cluster local   (launch/evaluate.py)
 
 Trailing ``key=value`` arguments override the recipe (``train.steps=50 data.root=/data/unimrg``).
 The run folder gets ``config.yaml`` (resolved; what every rank and every requeue reads) and
@@ -33,8 +34,9 @@ DEFAULT_MODEL, DEFAULT_RECIPE = "openuni", "tiny"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--job", choices=("train", "preprocess"), default="train",
-                    help="train a model, or make depth / segmentation targets (launch/preprocess.py)")
+    ap.add_argument("--job", choices=("train", "preprocess", "eval"), default="train",
+                    help="train a model, make depth / segmentation targets (launch/preprocess.py), or evaluate "
+                         "(launch/evaluate.py)")
     ap.add_argument("--model", default=None, choices=registry.names(), help=f"one of {registry.names()} (default {DEFAULT_MODEL}; "
                                                   "a resume takes the run's)")
     ap.add_argument("--recipe", default=None, help="name (launch/recipes/<model>_<name>.yaml) or a YAML path "
@@ -55,10 +57,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--cpu-ranks-per-node", type=int, default=None,
                    help="ranks per node when --gpus-per-node 0 (default: 2 ranks in all, at least 1 per node)")
     pre = ap.add_argument_group("--job preprocess (options after `--` go to unimrg.targets.job)")
-    pre.add_argument("--out", help="DATA_ROOT written by unimrg.targets.ingest; becomes the trainer's data.root")
-    pre.add_argument("--images", help="image list (default DATA_ROOT/images.jsonl)")
+    pre.add_argument("--out", help="DATA_ROOT written by unimrg.targets.ingest; becomes the trainer's data.root "
+                     "(--job eval: results folder, default RUN/eval)")
+    pre.add_argument("--images", help="image list (default DATA_ROOT/images.jsonl); --job eval: image folder "
+                     "or prepared data root")
     pre.add_argument("--depth-model", help="local HF folder of Depth Anything V2")
     pre.add_argument("--sam-model", help="local HF folder of SAM")
+    ev = ap.add_argument_group("--job eval (options after `--` go to unimrg.eval.job)")
+    ev.add_argument("--suite", help="scenes | depth_similarity | seg_boundary_f1 | recon_psnr | a benchmark")
+    ev.add_argument("--benchmark", help="the benchmark's local file in its published format")
+    ev.add_argument("--weights", default="auto", help="auto (final/model.pt, latest checkpoint, model.checkpoint) "
+                    "| none | a file | a checkpoint folder")
     s = ap.add_argument_group("SLURM")
     s.add_argument("--partition")
     s.add_argument("--account")
@@ -97,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.recipe = args.model or DEFAULT_MODEL, args.recipe or DEFAULT_RECIPE
         from launch.preprocess import submit as submit_preprocess
         return submit_preprocess(args)
+    if args.job == "eval":   # a new RUN's config comes from --model / --recipe (defaults as for training)
+        from launch.evaluate import submit as submit_eval
+        args.model, args.recipe = args.model or DEFAULT_MODEL, args.recipe or DEFAULT_RECIPE
+        return submit_eval(args)
     # An installed copy (no checkout around it) keeps its runs in the current folder, not in site-packages.
     runs = REPO / "runs" if (REPO / "setup.py").is_file() else Path.cwd() / "runs"
     run_dir = Path(args.run_dir or runs / f"{args.model or DEFAULT_MODEL}_"

@@ -209,3 +209,13 @@ class Engine:
         # named_parameters() lists a tied weight once (Harmon's lm_head is embed_tokens); state_dict() has both.
         from unimrg.models.official_io import complete_tied
         return complete_tied(self.module, out)
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a saved ZeRO checkpoint folder (RUN/checkpoints/step_N, any stage, any rank count),
+    frozen parameters included, without building an engine (evaluation jobs)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "latest").is_file():   # a checkpoints/ folder: its `latest` tag
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
