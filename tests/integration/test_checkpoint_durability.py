@@ -8,13 +8,15 @@ is not allowed).
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_submit
+from tests.conftest import REPO, run_submit
 
 pytestmark = pytest.mark.slow
 
@@ -75,14 +77,22 @@ def test_full_disk_during_a_checkpoint_names_the_path_and_frees_the_partial_fold
 
 
 def test_an_existing_step_is_replaced_whole_never_written_into(tmp_path, scene_root):
-    ckpt = tmp_path / "run" / "checkpoints"
+    run = tmp_path / "run"
+    r = submit(run, scene_root, "train.steps=1", "--prepare-only")   # the frozen config.yaml
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ckpt = run / "checkpoints"
     old = ckpt / "step_0000001"
     old.mkdir(parents=True)
     (old / "COMPLETE").write_text("2\n")
     (old / "stale_file_of_an_earlier_run.pt").write_text("old")
     (ckpt / "partial.step_0000002").mkdir()   # a save that crashed
     (ckpt / "partial.step_0000002" / "half_written.pt").write_text("x")
-    r = submit(tmp_path / "run", scene_root, "train.steps=1")   # not resumed: re-saves step 1
+    # submit.py refuses a fresh launch into a folder with checkpoints (the run-folder contract); the ranks
+    # themselves, started on the frozen config without run.resume (as a hand-made srun would), re-save step 1.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(REPO / "launch" / "train.py"), "--config", str(run / "config.yaml")],
+                       env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert not (old / "stale_file_of_an_earlier_run.pt").exists()
     assert {p.name for p in old.iterdir()} >= {"COMPLETE", "unimrg_rank0.pt", "unimrg_rank1.pt"}
