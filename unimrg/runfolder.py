@@ -36,8 +36,9 @@ RESUMABLE = {
     "train.export_final": "whether RUN/final/model.pt is written at the end",
     "run.tensorboard": "whether TensorBoard events are written",
 }
-# Fields that describe one launch, not the run: taken from this launch (stop_after: 0 unless given).
-PER_LAUNCH = ("run.dir", "run.resume", "train.stop_after")
+# Fields that describe one launch, not the run: taken from this launch (stop_after: 0 and the
+# debug_fault test hook: none, unless given again).
+PER_LAUNCH = ("run.dir", "run.resume", "train.stop_after", "train.debug_fault")
 
 
 def find_checkpoint(ckpt_dir: Path, resume: str) -> Path | None:
@@ -96,6 +97,8 @@ def resume_config(run_dir: Path, overrides: list[str], resume: str) -> tuple[Con
         raise ConfigError(f"{frozen_path} + overrides {list(overrides)}: {e}") from None
     if "train.stop_after" not in override_keys(overrides):
         cfg.train.stop_after = 0          # a previous launch's stop is not this one's
+    if "train.debug_fault" not in override_keys(overrides):
+        cfg.train.debug_fault = ""        # nor its injected fault (a test hook)
     cfg.run.resume = resume
     before, after = _flat(frozen), _flat(cfg)
     changed = run_changes(before, after, f"resume of {run_dir}", f"reuses {frozen_path} exactly")
