@@ -37,7 +37,9 @@ def write_config(args, run_dir: Path) -> Path:
         out.write_text(OmegaConf.to_yaml(raw))
         out.write_text(to_yaml(load_resolved(out)))   # strict: a misspelt override fails here, named
     else:
-        out.write_text(to_yaml(load_config(recipe_path(args.model, args.recipe), overrides, model=args.model)))
+        from launch.submit import DEFAULT_MODEL, DEFAULT_RECIPE   # a new RUN: submit.py's defaults
+        model, recipe = args.model or DEFAULT_MODEL, args.recipe or DEFAULT_RECIPE
+        out.write_text(to_yaml(load_config(recipe_path(model, recipe), overrides, model=model)))
     return out
 
 
