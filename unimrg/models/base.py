@@ -14,6 +14,7 @@ provides them), ``export_official(dir) -> dict[str, Path]`` (the released layout
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,16 @@ class UMMAdapter(nn.Module, abc.ABC):
     official_sources: Mapping[str, tuple[str, ...]] = {"checkpoint": ("",)}
     #: the override that gives a full-size model its tokenizer (named in the error when it is missing)
     tokenizer_setting: str = "model.tokenizer=<local tokenizer folder>"
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode for a sampler or answer pass, the previous mode restored afterwards."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
     tokenizer = None
 
     def _tok(self):

@@ -82,3 +82,13 @@ def greedy_decode(body: Callable, head: Callable, embed: Callable, embeds: torch
         cache, last = out.cache, out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
     return result
+
+
+def greedy_answers(tok, body: Callable, head: Callable, embed: Callable, embeds: torch.Tensor,
+                   mask: torch.Tensor, *, stop_ids: Sequence[int], max_new_tokens: int, early_stop: bool,
+                   prefix_mask_4d: torch.Tensor | None = None) -> list[str]:
+    """:func:`greedy_decode` with the tokenizer's vocabulary bound, decoded to stripped strings (the tail
+    every adapter's ``answer`` shares)."""
+    out = greedy_decode(body, head, embed, embeds, mask, max_new_tokens=max_new_tokens, early_stop=early_stop,
+                        vocab_size=len(tok), stop_ids=stop_ids, prefix_mask_4d=prefix_mask_4d)
+    return [tok.decode(o, skip_special_tokens=True).strip() for o in out]

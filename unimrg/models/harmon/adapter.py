@@ -432,13 +432,11 @@ class Harmon(UMMAdapter):
     def answer(self, images: torch.Tensor, questions: Sequence[str], max_new_tokens: int = 32, *,
                early_stop: bool = True) -> list[str]:
         """Greedy answers in the understanding format (`<|im_start|>user\\n` + image + `\\n{question}…`)."""
-        from unimrg.models.decoding import greedy_decode, left_align
+        from unimrg.models.decoding import greedy_answers, left_align
         if len(questions) != images.shape[0]:
             raise ValueError(f"Harmon.answer: {images.shape[0]} images but {len(questions)} questions")
         device = self._device_dtype()[0]
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             tokens, grid = self.encode_latents(self._pixels(images, device, "images"))
             feats = self.visual_features(tokens, grid)[1]                       # (B, I, H)
             rest, rest_mask = _pad([self._encode(f"\n{q.strip()}{IM_END}\n{IM_START}assistant\n")
@@ -446,12 +444,9 @@ class Harmon(UMMAdapter):
             embeds, attn, _ = self._embed_with_image(feats, rest.to(device), rest_mask.to(device))
             attn, embeds = left_align(attn.bool(), embeds)
             tok = self._tok()
-            out = greedy_decode(self.llm.model, self.llm.lm_head, self.llm.model.embed_tokens, embeds, attn,
-                                max_new_tokens=max_new_tokens, early_stop=early_stop, vocab_size=len(tok),
-                                stop_ids=[tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(ENDOFTEXT)])
-            return [tok.decode(o, skip_special_tokens=True).strip() for o in out]
-        finally:
-            self.train(was_training)
+            return greedy_answers(tok, self.llm.model, self.llm.lm_head, self.llm.model.embed_tokens, embeds, attn,
+                                  stop_ids=[tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(ENDOFTEXT)],
+                                  max_new_tokens=max_new_tokens, early_stop=early_stop)
 
     # ---- official weights ------------------------------------------------------------------------
     def load_official(self, path: str | None = None, *, allow_missing: Sequence[str] = ()) -> LoadReport:

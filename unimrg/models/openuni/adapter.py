@@ -235,9 +235,7 @@ class OpenUni(UMMAdapter):
 
         from unimrg.models.openuni.arch import SAMPLING_FLOW_SHIFT
         device, dtype = self._device_dtype()
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             b = images.shape[0]
             cond = self.condition(images, prompts)                           # (B, Q, caption)
             neg = self.condition(images, negative_prompts if negative_prompts is not None else [""] * b)
@@ -261,20 +259,16 @@ class OpenUni(UMMAdapter):
                            generator=torch.Generator(device=device).manual_seed(seed), output_type="latent",
                            use_resolution_binning=False, complex_human_instruction=None).images
             return self.decode_latents(latents.to(dtype))
-        finally:
-            self.train(was_training)
 
     @torch.no_grad()
     def answer(self, images: torch.Tensor, questions: list[str], max_new_tokens: int = 32, *,
                early_stop: bool = True) -> list[str]:
         """Greedy answers in the understanding format (InternVL chat, ``<img>…</img>\\n{question}``)."""
-        from unimrg.models.decoding import greedy_decode, left_align
+        from unimrg.models.decoding import greedy_answers, left_align
         if len(questions) != images.shape[0]:
             raise ValueError(f"OpenUni.answer: {images.shape[0]} images but {len(questions)} questions")
         device, dtype = self._device_dtype()
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             feats = self.lmm.model.get_image_features(                      # (B, N, hidden)
                 pixel_values=self._vit_pixels(images, device, dtype)).pooler_output
             system = f"{IM_START}system\n{self.system_message}{IM_END}\n" if self.system_message else ""
@@ -288,12 +282,9 @@ class OpenUni(UMMAdapter):
                                            feats.to(embeds.dtype))
             mask, embeds = left_align(mask, embeds)
             tok = self._tok()
-            out = greedy_decode(self.lmm.model.language_model, self.lmm.lm_head, embed, embeds, mask,
-                                max_new_tokens=max_new_tokens, early_stop=early_stop, vocab_size=len(tok),
-                                stop_ids=[tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(ENDOFTEXT)])
-            return [tok.decode(o, skip_special_tokens=True).strip() for o in out]
-        finally:
-            self.train(was_training)
+            return greedy_answers(tok, self.lmm.model.language_model, self.lmm.lm_head, embed, embeds, mask,
+                                  stop_ids=[tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(ENDOFTEXT)],
+                                  max_new_tokens=max_new_tokens, early_stop=early_stop)
 
     # ---- official weights ------------------------------------------------------------------------
     def load_official(self, path: str | None = None, *, allow_missing: Sequence[str] = ()) -> LoadReport:

@@ -300,13 +300,11 @@ class Showo(UMMAdapter):
                early_stop: bool = True) -> list[str]:
         """Greedy answers in the understanding layout (<|mmu|> SYSTEM <|soi|> CLIP <|eoi|> "USER: q
         ASSISTANT:"), with Show-o's attention mask over the prompt (CLIP positions visible to all)."""
-        from unimrg.models.decoding import greedy_decode, left_align
+        from unimrg.models.decoding import greedy_answers, left_align
         if len(questions) != images.shape[0]:
             raise ValueError(f"Show-o answer: {images.shape[0]} images but {len(questions)} questions")
         device, _ = self._device_dtype()
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             feats = self.image_features(images)                                  # (B, n_clip, hidden)
             head = [self.mmu_id] + (self._encode(self.system_message) if self.system_message else []) + [self.soi_id]
             nc = self.arch.num_clip_tokens
@@ -325,13 +323,9 @@ class Showo(UMMAdapter):
             embeds = embed(ids)
             embeds = embeds.masked_scatter(clip[..., None], feats.to(embeds.dtype))
             mask4d = attention_mask(valid, torch.zeros_like(ids), clip, embeds.dtype)
-            tok = self._tok()
-            out = greedy_decode(self.showo.model, self.showo.lm_head, embed, embeds, valid,
-                                max_new_tokens=max_new_tokens, early_stop=early_stop, vocab_size=len(tok),
-                                stop_ids=[self._eos_id()], prefix_mask_4d=mask4d)
-            return [tok.decode(o, skip_special_tokens=True).strip() for o in out]
-        finally:
-            self.train(was_training)
+            return greedy_answers(self._tok(), self.showo.model, self.showo.lm_head, embed, embeds, valid,
+                                  stop_ids=[self._eos_id()], max_new_tokens=max_new_tokens,
+                                  early_stop=early_stop, prefix_mask_4d=mask4d)
 
     # ---- official weights ----------------------------------------------------------------------------
     def load_official(self, path: str | None = None, *, allow_missing: Sequence[str] = ()) -> LoadReport:
