@@ -11,6 +11,7 @@ from unimrg.models.base import ModelConfig, UMMAdapter
 
 _ADAPTERS = {
     "harmon": "unimrg.models.harmon:Harmon",
+    "janus": "unimrg.models.janus:Janus",
     "openuni": "unimrg.models.openuni:OpenUni",
     "showo": "unimrg.models.showo:Showo",
 }
