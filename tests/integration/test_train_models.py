@@ -1,4 +1,4 @@
-"""Harmon and Show-o through the same pipeline as OpenUni: submit.py → torchrun (2 CPU ranks) →
+"""Harmon, Show-o and Janus-Pro through the same pipeline as OpenUni: submit.py → torchrun (2 CPU ranks) →
 DeepSpeed ZeRO-2 / ZeRO-3 → tiny adapter → Energon loaders over generated scenes.
 
     python -m pytest -q tests/integration/test_train_models.py
@@ -16,10 +16,10 @@ from tests.integration.test_train_openuni import EVAL_TAGS, initial_weights, met
 pytestmark = pytest.mark.slow
 
 # Modules the paper trains although they are encoders (Harmon's MAR encoder is shared by both directions).
-MUST_CHANGE = {"harmon": "mar.encoder_blocks.", "showo": "mm_projector."}
+MUST_CHANGE = {"harmon": "mar.encoder_blocks.", "showo": "mm_projector.", "janus": "janus.model.aligner."}
 
 
-@pytest.mark.parametrize("model", ["harmon", "showo"])
+@pytest.mark.parametrize("model", ["harmon", "showo", "janus"])
 @pytest.mark.parametrize("zero", [2, 3])
 def test_four_tasks_under_zero(tmp_path, model, zero):
     ds = [] if zero == 2 else ["train.zero_stage=3", "train.ds_config=ds_configs/zero3_tiny.json"]
@@ -27,8 +27,8 @@ def test_four_tasks_under_zero(tmp_path, model, zero):
     train(tmp_path, data, *ds, model=model)   # the tiny recipe generates its scenes
     rows = metrics(tmp_path, 0)
     assert [r["step"] for r in rows] == list(range(1, 21))
-    # Harmon: 4 per task, round-robin over 4 micro-steps; Show-o: 2 per task, joint, 1 micro-step.
-    per_task = {"harmon": 4, "showo": 2}[model]
+    # Harmon: 4 per task, round-robin over 4 micro-steps; Show-o and Janus: 2 per task, joint, 1 micro-step.
+    per_task = {"harmon": 4, "showo": 2, "janus": 2}[model]
     for rank in (0, 1):
         assert all(r["samples"] == {t: per_task for t in ("und", "pix", "depth", "seg")}
                    for r in metrics(tmp_path, rank))

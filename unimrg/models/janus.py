@@ -268,9 +268,14 @@ class Janus(UMMAdapter):
             return (z @ book.T).argmax(dim=-1)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (B, n_codes) → float images in [0, 1], (B, 3, R, R)."""
+        """Codes (B, n_codes) → float images in [0, 1], (B, 3, R, R). HF's ``JanusVQVAE.decode`` maths
+        (L2-normalised entries → post_quant_conv → decoder), without its read of ``embedding.weight.shape``
+        (0 under ZeRO-3)."""
+        vq, g = self.janus.model.vqmodel, self.config.vq_config.num_patches
         with torch.no_grad():
-            x = self.janus.model.vqmodel.decode(codes)
+            entry = F.normalize(vq.quantize.embedding(codes), p=2, dim=-1)   # (B, g·g, embed_dim)
+            entry = entry.view(codes.shape[0], g, g, -1).permute(0, 3, 1, 2).contiguous()
+            x = vq.decoder(vq.post_quant_conv(entry))
         return ((x.float() + 1) / 2).clamp(0, 1)
 
     def _code_embeds(self, codes: torch.Tensor) -> torch.Tensor:
