@@ -66,6 +66,9 @@ def released_special_ids(model: str) -> dict[str, int]:
     if model == "showo":     # Phi-1.5 (50,295 tokens) + Show-o's ten tokens right after it
         from unimrg.models.showo.arch import ENDOFTEXT, NEW_SPECIAL_TOKENS
         return {ENDOFTEXT: 50256, **{t: 50295 + j for j, t in enumerate(NEW_SPECIAL_TOKENS)}}
+    if model == "janus":     # Janus-Pro (DeepSeek-LLM vocabulary; <image_placeholder> at the config's image_token_id)
+        from unimrg.models.janus import BOI, BOS, EOI, EOS, IMAGE, PAD
+        return {BOS: 100000, EOS: 100001, PAD: 100015, BOI: 100016, IMAGE: 100581, EOI: 100593}
     raise KeyError(model)
 
 
@@ -88,6 +91,9 @@ def stand_in_tokenizer(model: str):
     if model == "showo":
         from unimrg.models.showo.arch import PAD
         fast.pad_token, fast.eos_token = PAD, "<|endoftext|>"
+    elif model == "janus":
+        from unimrg.models.janus import BOS, EOS, PAD
+        fast.pad_token, fast.eos_token, fast.bos_token = PAD, EOS, BOS
     else:
         fast.pad_token, fast.eos_token = "<|endoftext|>", "<|im_end|>"
     assert all(fast.convert_tokens_to_ids(t) == i for t, i in special.items())

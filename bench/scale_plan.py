@@ -63,6 +63,9 @@ BACKBONES = {
                 ("internvit-300m", 24, 1024, 1025, False), ("connector", 6, 1536, 256, False)],
     "harmon": [("qwen2.5-1.5b", 28, 1536, 1216, True), ("mar-decoder", 16, 1280, 1088, True)],
     "showo": [("phi-1.5", 24, 2048, 1160, False)],
+    # Janus-Pro-1B: DeepSeek-LLM-1.5B over 576 SigLIP features + ~40 prompt tokens + 576 codes (generation);
+    # SigLIP-L (frozen) over 576 patches at 384 px.
+    "janus": [("deepseek-llm-1.5b", 24, 2048, 1200, False), ("siglip-l", 24, 1024, 576, False)],
 }
 
 

@@ -43,7 +43,7 @@ def run_both(run_dir: Path, suite: str, *argv: str) -> dict:
     return json.loads((run_dir / "ws1" / f"{suite}.json").read_text())
 
 
-@pytest.mark.parametrize("model", ["openuni", "harmon", "showo"])
+@pytest.mark.parametrize("model", ["openuni", "harmon", "showo", "janus"])
 def test_scenes_same_at_world_size_1_and_2(tmp_path, model):
     report = run_both(tmp_path / "run", "scenes", "--model", model, "--recipe", "tiny", "--weights", "none",
                       "--", "--num-scenes", "2", "--max-new-tokens", "4")

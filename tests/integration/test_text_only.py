@@ -110,10 +110,11 @@ def _answer_tokens(model, batch: UnderstandingBatch) -> int:
     return int((model._conversation_ids(batch)[1] >= 0).sum())
 
 
-IMAGE_PARTS = {"openuni": "lmm.model.multi_modal_projector", "harmon": "mar.", "showo": "mm_projector."}
+IMAGE_PARTS = {"openuni": "lmm.model.multi_modal_projector", "harmon": "mar.", "showo": "mm_projector.",
+               "janus": "janus.model.aligner."}
 
 
-@pytest.mark.parametrize("name", ["openuni", "harmon", "showo"])
+@pytest.mark.parametrize("name", ["openuni", "harmon", "showo", "janus"])
 def test_adapter_trains_text_only_conversations(name):
     torch.manual_seed(0)
     model = build_model(config_class(name)(name=name, size="tiny"))

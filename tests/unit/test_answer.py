@@ -13,7 +13,8 @@ from unimrg.data.scenes import make_scene
 from unimrg.models import registry
 
 # the tiny recipes' sizes (launch/recipes/*_tiny.yaml)
-TINY = {"harmon": {"image_size": 64, "mar_image_size": 64}, "showo": {"image_size": 32}, "openuni": {"image_size": 56}}
+TINY = {"harmon": {"image_size": 64, "mar_image_size": 64}, "showo": {"image_size": 32}, "openuni": {"image_size": 56},
+        "janus": {"image_size": 32}}
 
 
 def build(name: str, seed: int):

@@ -11,7 +11,7 @@ import pytest
 from unimrg.config import ConfigError, batch_arithmetic, load_config, plan_report, recipe_path, stage_config, \
     stage_plans, validate
 
-PAPER = {"openuni": 128, "harmon": 512, "showo": 320}
+PAPER = {"openuni": 128, "harmon": 512, "showo": 320, "janus": 512}
 
 
 def paper(model, *overrides):

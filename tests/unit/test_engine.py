@@ -6,7 +6,7 @@ from unimrg.config import ConfigError, load_config, recipe_path, validate
 from unimrg.engine import _check_zero3_internals, resolve_ds_config
 
 
-@pytest.mark.parametrize("model", ["openuni", "harmon", "showo"])
+@pytest.mark.parametrize("model", ["openuni", "harmon", "showo", "janus"])
 def test_paper_recipes_resolve_on_8_gpus(model):
     cfg = load_config(recipe_path(model, "paper"), model=model)
     ds = resolve_ds_config(cfg, validate(cfg, dp_size=8))

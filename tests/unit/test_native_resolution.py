@@ -10,8 +10,8 @@ from tests.conftest import run_submit
 from unimrg.config import ConfigError, load_config, recipe_path, validate
 
 # (model, input images, generation targets): InternViT 448 / SANA 512; CLIP-ViT-L/14-336 / MAGVIT-v2 256;
-# Harmon 512 for both (the adapters cite the official configs).
-NATIVE = [("openuni", 448, 512), ("showo", 336, 256), ("harmon", 512, 512)]
+# Harmon 512 for both; Janus-Pro SigLIP-L / VQ-16 384 (the adapters cite the official configs).
+NATIVE = [("openuni", 448, 512), ("showo", 336, 256), ("harmon", 512, 512), ("janus", 384, 384)]
 
 
 @pytest.mark.parametrize("model,image,target", NATIVE)
@@ -29,14 +29,14 @@ def test_table3_rows_inherit_native_resolution(row):
     assert (cfg.model.image_size, cfg.model.target_size) == want
 
 
-@pytest.mark.parametrize("model,size", [("openuni", 56), ("showo", 32), ("harmon", 64)])
+@pytest.mark.parametrize("model,size", [("openuni", 56), ("showo", 32), ("harmon", 64), ("janus", 32)])
 def test_tiny_recipes_keep_their_own_sizes(model, size):
     cfg = load_config(recipe_path(model, "tiny"), ["run.dir=/tmp/x"])
     assert cfg.model.image_size == size
     validate(cfg, dp_size=2)   # tiny models are not held to a checkpoint's resolution
 
 
-@pytest.mark.parametrize("model", ["openuni", "showo", "harmon"])
+@pytest.mark.parametrize("model", ["openuni", "showo", "harmon", "janus"])
 def test_full_size_at_other_resolution_needs_the_override(model):
     cfg = load_config(recipe_path(model, "paper"), ["model.image_size=56", "model.target_size=56"])
     with pytest.raises(ConfigError, match=r"model.image_size=56.*model.non_native_resolution=true"):

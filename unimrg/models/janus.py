@@ -68,14 +68,16 @@ class JanusModelConfig(ModelConfig):
 def build_arch(cfg: JanusModelConfig, vocab_size: int = 102400, image_token_id: int = 100581) -> JanusConfig:
     """The HF config of ``cfg.size`` / ``cfg.variant``. Full: SigLIP-L/16 at 384 px (24 × 24 = 576 features),
     VQ-16 with 16,384 8-dim codes (576 codes per 384-px image), DeepSeek-LLM with an untied head (the
-    release's LlamaForCausalLM). Tiny: the same structure at 32 px, 16 tokens per image, 64 codes."""
+    release's LlamaForCausalLM). Tiny: the same structure with SigLIP at 32 px, VQ at 16 px, 16 tokens per image, 64 codes."""
     if cfg.size == "full":
         if cfg.variant not in LLM:
             raise ValueError(f"Janus: unknown model.variant={cfg.variant!r}; use one of {sorted(LLM)}")
         llm = LLM[cfg.variant]
+        # The release's special ids (set when the vocabulary holds them: shape-only builds use vocab_size=1).
+        ids = dict(bos_token_id=100000, eos_token_id=100001, pad_token_id=100002) if vocab_size > 100002 else {}
         text = LlamaConfig(vocab_size=vocab_size, num_key_value_heads=llm["num_attention_heads"],
                            max_position_embeddings=16384, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                           bos_token_id=100000, eos_token_id=100001, pad_token_id=100002, **llm)
+                           **ids, **llm)
         vision = JanusVisionConfig(projection_dim=llm["hidden_size"], depth=2)   # SigLIP-L/16-384 (HF defaults)
         vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=16384, projection_dim=llm["hidden_size"],
                               image_token_embed_dim=llm["hidden_size"])          # VQ-16 (HF defaults)
@@ -85,9 +87,10 @@ def build_arch(cfg: JanusModelConfig, vocab_size: int = 102400, image_token_id: 
                            rms_norm_eps=1e-6, tie_word_embeddings=False)
         vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=32,
                                    patch_size=8, mlp_ratio=2.0, projection_dim=32, depth=2, num_image_tokens=16)
-        # GroupNorm(32) needs 32 channels; three downsamplings map 32 px onto SigLIP's 4 × 4 grid.
+        # GroupNorm(32) needs 32 channels; two downsamplings map 16 px onto SigLIP's 4 × 4 grid (the grids
+        # must match: HF sets the VQ grid from SigLIP's). Few VQ modules keep ZeRO-3's per-module hooks cheap.
         vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32,
-                              channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, projection_dim=32,
+                              channel_multiplier=[1, 1, 1], num_res_blocks=1, projection_dim=32,
                               image_token_embed_dim=32)
     else:
         raise ValueError(f"Janus: unknown model.size={cfg.size!r}; use 'tiny' or 'full'")
@@ -153,7 +156,7 @@ class Janus(UMMAdapter):
     def native_resolution(cls, cfg: JanusModelConfig) -> Resolution:
         # Full: SigLIP-L reads 384 px (Janus-Pro `preprocessor_config.json` image_size 384, vision_config
         # `siglip_large_patch16_384`) and VQ-16 generates 384 px (`generation_inference.py`: img_size 384,
-        # 576 tokens). Tiny: 32 px both.
+        # 576 tokens). Tiny: 32 px in, 16 px out.
         config = build_arch(cfg, vocab_size=1, image_token_id=0)
         return Resolution(config.vision_config.image_size, _resolution(config))
 

@@ -1,0 +1,67 @@
+"""Janus-Pro specifics (the protocol checks every adapter shares are in test_adapter_protocol.py): release-size
+parameter counts, the exported folder loaded by transformers itself, the released image preprocessing,
+and understanding features placed where HF's own forward places them.
+
+    python -m pytest -q -s tests/unit/test_janus.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.unit.test_adapter_protocol import build
+from unimrg.models.janus import PUBLISHED_BILLIONS, Janus, JanusModelConfig
+
+
+@pytest.mark.parametrize("variant", ["1b", "7b"])
+def test_full_size_counts_match_the_release(variant):
+    with torch.device("meta"):
+        model = Janus(JanusModelConfig(size="full", variant=variant))
+    total = sum(p.numel() for p in model.parameters())
+    print(f"\nJanus-Pro-{variant.upper()}: {total / 1e9:.3f} B (release files: {PUBLISHED_BILLIONS[variant]} B)")
+    assert abs(total / 1e9 - PUBLISHED_BILLIONS[variant]) / PUBLISHED_BILLIONS[variant] < 0.01
+    assert model.native_resolution(model.cfg).image == 384 and model.num_image_tokens == model.num_codes == 576
+    assert model.janus.lm_head.weight is not model.janus.get_input_embeddings().weight   # the release's untied head
+
+
+def test_exported_folder_loads_in_transformers_and_matches(tmp_path):
+    from transformers import JanusForConditionalGeneration, JanusProcessor
+    model = build("janus", seed=1).eval()
+    folder = model.export_official(tmp_path)["janus"]
+    hf = JanusForConditionalGeneration.from_pretrained(folder, local_files_only=True).eval()
+    ours, theirs = model.janus.state_dict(), hf.state_dict()
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    processor = JanusProcessor.from_pretrained(folder, local_files_only=True)
+
+    # The released preprocessing on a non-square image: longer side → 32, centred grey (127) padding.
+    img = torch.randint(0, 256, (3, 20, 40), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    ref = processor.image_processor(img, return_tensors="pt").pixel_values       # (1, 3, 32, 32), PIL bicubic
+    got = model.transform_images(img[None])
+    grey = (127 / 255 - 0.5) / 0.5
+    assert torch.allclose(got[..., :8, :], torch.full_like(got[..., :8, :], grey))   # 16 rows of content, centred
+    assert torch.allclose(ref[..., :8, :], got[..., :8, :]) and torch.allclose(ref[..., 24:, :], got[..., 24:, :])
+    assert (ref - got).abs().mean() < 0.01 and (ref - got).abs().max() < 0.08      # torch vs PIL bicubic
+
+    # HF's own forward (input_ids + pixel_values) gives the logits of the adapter's understanding path.
+    tok = model.tokenizer
+    question = model._encode("\nHow many cubes?\n\n<|Assistant|>:")
+    ids = torch.tensor([[tok.bos_token_id] + model._user_head() + model._image_block() + question])
+    square = torch.randint(0, 256, (1, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    with torch.no_grad():
+        ref_logits = hf(input_ids=ids, pixel_values=model.transform_images(square)).logits
+        embeds = model._embed_with_images(ids, model.image_features(square))
+        hidden = model.janus.model.language_model(inputs_embeds=embeds).last_hidden_state
+        assert torch.allclose(model.janus.lm_head(hidden), ref_logits, atol=1e-5)
+
+
+def test_a_folder_of_another_size_is_refused_by_name(tmp_path):
+    model = build("janus", seed=1)
+    folder = model.export_official(tmp_path)["janus"]
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["text_config"]["hidden_size"] = 2048
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="text_config.hidden_size=2048 .*model.variant"):
+        model.load_official(str(folder))
