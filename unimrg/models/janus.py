@@ -73,11 +73,9 @@ def build_arch(cfg: JanusModelConfig, vocab_size: int = 102400, image_token_id: 
         if cfg.variant not in LLM:
             raise ValueError(f"Janus: unknown model.variant={cfg.variant!r}; use one of {sorted(LLM)}")
         llm = LLM[cfg.variant]
-        # The release's special ids (set when the vocabulary holds them: shape-only builds use vocab_size=1).
-        ids = dict(bos_token_id=100000, eos_token_id=100001, pad_token_id=100002) if vocab_size > 100002 else {}
         text = LlamaConfig(vocab_size=vocab_size, num_key_value_heads=llm["num_attention_heads"],
                            max_position_embeddings=16384, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                           **ids, **llm)
+                           bos_token_id=100000, eos_token_id=100001, pad_token_id=100002, **llm)
         vision = JanusVisionConfig(projection_dim=llm["hidden_size"], depth=2)   # SigLIP-L/16-384 (HF defaults)
         vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=16384, projection_dim=llm["hidden_size"],
                               image_token_embed_dim=llm["hidden_size"])          # VQ-16 (HF defaults)
@@ -157,12 +155,12 @@ class Janus(UMMAdapter):
         # Full: SigLIP-L reads 384 px (Janus-Pro `preprocessor_config.json` image_size 384, vision_config
         # `siglip_large_patch16_384`) and VQ-16 generates 384 px (`generation_inference.py`: img_size 384,
         # 576 tokens). Tiny: 32 px in, 16 px out.
-        config = build_arch(cfg, vocab_size=1, image_token_id=0)
+        config = build_arch(cfg)   # shapes only
         return Resolution(config.vision_config.image_size, _resolution(config))
 
     @classmethod
     def sequence_plan(cls, cfg: JanusModelConfig, task: str) -> dict[str, int]:
-        config = build_arch(cfg, vocab_size=1, image_token_id=0)
+        config = build_arch(cfg)   # shapes only
         n = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
         if task == "und":
             return {"image tokens": n, "sequence ≤": cfg.max_length}
