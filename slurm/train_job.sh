@@ -1,4 +1,4 @@
-# Sourced by slurm/{openuni,harmon,showo}.sh after their #SBATCH header sets MODEL: recipe → run folder →
+# Sourced by slurm/{openuni,harmon,showo,janus}.sh after their #SBATCH header sets MODEL: recipe → run folder →
 # srun one rank per GPU → requeue on SLURM's time-limit warning. Not submitted on its own.
 : "${MODEL:?set MODEL before sourcing slurm/train_job.sh}"
 RECIPE=${RECIPE:-paper}

@@ -268,7 +268,7 @@ def test_refused_submission_is_reported(slurm_cluster, scene_root, tmp_path):
     assert "sbatch refused the job" in r.stderr and "Invalid partition name specified" in r.stderr
 
 
-@pytest.mark.parametrize("model", ["harmon", "showo", "openuni"])
+@pytest.mark.parametrize("model", ["harmon", "showo", "openuni", "janus"])
 def test_sbatch_headers_are_accepted(slurm_cluster, model):
     script = REPO / "slurm" / f"{model}.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
