@@ -56,6 +56,13 @@ def test_exported_folder_loads_in_transformers_and_matches(tmp_path):
         hidden = model.janus.model.language_model(inputs_embeds=embeds).last_hidden_state
         assert torch.allclose(model.janus.lm_head(hidden), ref_logits, atol=1e-5)
 
+    # ... and HF's own image generation runs from the folder alone (its generation config: CFG, <boi>, pad).
+    prompt = torch.tensor([[tok.bos_token_id] + model._encode("<|User|>: a cube\n\n<|Assistant|>:")
+                           + [tok.convert_tokens_to_ids("<begin_of_image>")]])
+    codes = hf.generate(prompt, attention_mask=torch.ones_like(prompt), generation_mode="image", do_sample=True)
+    assert codes.shape == (1, model.num_codes) and int(codes.max()) < model.config.vq_config.num_embeddings
+    assert hf.decode_image_tokens(codes).shape == (1, 16, 16, 3)
+
 
 def test_a_folder_of_another_size_is_refused_by_name(tmp_path):
     model = build("janus", seed=1)

@@ -141,6 +141,8 @@ class Janus(UMMAdapter):
         tok = self.tokenizer
         if cfg.size == "tiny":
             self.config = build_arch(cfg, vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(IMAGE))
+            text = self.config.text_config   # the built-in tokenizer's ids (the generation config copies them)
+            text.bos_token_id, text.eos_token_id, text.pad_token_id = tok.convert_tokens_to_ids([BOS, EOS, PAD])
         else:
             self.config = build_arch(cfg)
         if tok is not None:
@@ -384,6 +386,15 @@ class Janus(UMMAdapter):
             raise RuntimeError("Janus.export_official: parameters are partitioned by ZeRO-3; load the consolidated "
                                "state dict into a plain model first (python -m unimrg.eval.export)")
         out = Path(out_dir) / "janus_hf"
+        if self.tokenizer is not None:
+            # What HF's image generation reads (transformers' converter sets the same): CFG 5, T 1, the
+            # <begin_of_image> and pad ids.
+            gen, tok = self.janus.generation_config, self.tokenizer
+            gen.guidance_scale, gen.temperature = 5.0, 1.0
+            gen.pad_token_id = tok.convert_tokens_to_ids(PAD)
+            gen.boi_token_id = tok.convert_tokens_to_ids(BOI)
+            gen.generation_kwargs = {"boi_token_id": gen.boi_token_id}
+            gen._from_model_config = False   # else from_pretrained rebuilds it from config.json, dropping these
         self.janus.save_pretrained(out)
         if self.tokenizer is not None:
             size = self.config.vision_config.image_size
@@ -436,6 +447,7 @@ class Janus(UMMAdapter):
             labels = [IGNORE_INDEX] * len(ids)
             placed = not with_image[i]
             for role, value in dialogue_turns(conv, key):
+                value = value.strip()                    # the template strips each message
                 if role == "human":
                     t = self._user_head()
                     if not placed:
@@ -443,11 +455,11 @@ class Janus(UMMAdapter):
                         t += self._encode(before) + self._image_block() + self._encode(after.replace("<image>", ""))
                         placed = True
                     else:
-                        t += self._encode(value.replace("<image>", "").strip())
+                        t += self._encode(value.replace("<image>", "").strip())  # one image per sample
                     t += self._encode(f"\n\n{ASSISTANT}:")
                     labels += [IGNORE_INDEX] * len(t)
                 else:
-                    t = self._encode(f" {value.strip()}") + [eos]
+                    t = self._encode(f" {value}") + [eos]
                     labels += t
                 ids += t
             if len(ids) > self.cfg.max_length:
