@@ -72,3 +72,56 @@ def test_a_folder_of_another_size_is_refused_by_name(tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="text_config.hidden_size=2048 .*model.variant"):
         model.load_official(str(folder))
+
+
+def release_layout(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF Janus keys → the deepseek-ai release's (`MultiModalityCausalLM`: timm SigLIP with fused qkv and a
+    (1, N, C) position table, LlamaGen VQ with conv_blocks / res / mid.N, LlamaForCausalLM), spelled from
+    the release's module names."""
+    top = [("model.vision_model.encoder.layers.", "vision_model.vision_tower.blocks."),
+           ("model.vision_model.embeddings.patch_embedding.", "vision_model.vision_tower.patch_embed.proj."),
+           ("model.vision_model.post_layernorm.", "vision_model.vision_tower.norm."),
+           ("model.aligner.fc1.", "aligner.layers.0."), ("model.aligner.hidden_layers.0.", "aligner.layers.2."),
+           ("model.generation_aligner.fc1.", "gen_aligner.layers.0."),
+           ("model.generation_aligner.hidden_layers.0.", "gen_aligner.layers.2."),
+           ("model.generation_head.proj_out.", "gen_head.output_mlp_projector."),
+           ("model.generation_head.vision_head.", "gen_head.vision_head."),
+           ("model.generation_embeddings.", "gen_embed."), ("model.vqmodel.", "gen_vision_model."),
+           ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")]
+    out = {}
+    for k, v in hf.items():
+        if k == "model.vision_model.embeddings.position_embedding.weight":
+            out["vision_model.vision_tower.pos_embed"] = v[None]
+            continue
+        if k.startswith("model.vision_model.") and (".self_attn.k_proj." in k or ".self_attn.v_proj." in k):
+            continue                                   # fused with q_proj below
+        new = next(o + k[len(h):] for h, o in top if k.startswith(h))
+        if new.startswith("vision_model."):
+            new = (new.replace(".self_attn.projection_layer.", ".attn.proj.").replace(".layer_norm1.", ".norm1.")
+                   .replace(".layer_norm2.", ".norm2."))
+            if ".self_attn.q_proj." in k:
+                out[new.replace(".self_attn.q_proj.", ".attn.qkv.")] = torch.cat(
+                    [hf[k.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")])
+                continue
+        if new.startswith("gen_vision_model."):
+            new = (new.replace("encoder.down.", "encoder.conv_blocks.").replace("decoder.up.", "decoder.conv_blocks.")
+                   .replace(".block.", ".res.").replace(".mid.block_1.", ".mid.0.").replace(".mid.attn_1.", ".mid.1.")
+                   .replace(".mid.block_2.", ".mid.2."))
+        out[new] = v
+    return out
+
+
+def test_the_deepseek_ai_release_layout_loads(tmp_path):
+    a, b = build("janus", seed=1), build("janus", seed=2)
+    state = release_layout(a.janus.state_dict())
+    assert "gen_vision_model.encoder.conv_blocks.0.res.0.norm1.weight" in state
+    assert "vision_model.vision_tower.blocks.0.attn.qkv.weight" in state and "language_model.lm_head.weight" in state
+    state["vision_model.vision_tower.attn_pool.latent"] = torch.zeros(1, 1, 32)     # not in the HF model
+    state["gen_vision_model.quantize.codebook_used"] = torch.zeros(64)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "multi_modality", "language_config": {
+        "hidden_size": 32, "num_hidden_layers": 2}}))
+    report = b.load_official(str(tmp_path))
+    assert not report.missing and not report.unexpected and len(report.ignored) == 2, str(report)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

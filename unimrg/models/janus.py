@@ -7,7 +7,7 @@ Facts from deepseek-ai/Janus (`janus/models/modeling_vlm.py`, `processing_vlm.py
 and the release configs (deepseek-ai/Janus-Pro-1B and -7B `config.json`, as converted by transformers'
 `convert_janus_weights_to_hf.py`; deepseek-community/Janus-Pro-1B). The adapter holds the HF model as
 ``janus``: state-dict keys are ``janus.`` + the keys of an HF Janus folder, so a folder loads and exports
-one to one. Understanding reads SigLIP features through ``aligner`` and scores text with ``lm_head``;
+one to one (a deepseek-ai release folder is renamed on load). Understanding reads SigLIP features through ``aligner`` and scores text with ``lm_head``;
 generation feeds VQ codes through ``generation_embeddings`` → ``generation_aligner`` and scores them with
 ``generation_head`` (next-token CE over the target's codes), conditioned -- the UniMRG rule -- on the input
 image's SigLIP features and the prompt in the chat layout. SigLIP and the VQ tokenizer are frozen.
@@ -364,16 +364,22 @@ class Janus(UMMAdapter):
 
     # ---- official weights -----------------------------------------------------------------------
     def load_official(self, path: str | None = None, *, allow_missing: Sequence[str] = ()) -> LoadReport:
-        """An HF Janus folder (``save_pretrained`` / deepseek-community layout: ``model.*``, ``lm_head.*``) or
-        a file with those keys (``janus.``-prefixed adapter keys and ``module.`` wrappers are accepted).
+        """An HF Janus folder (``save_pretrained`` / deepseek-community layout: ``model.*``, ``lm_head.*``), a
+        deepseek-ai release folder (deepseek-ai/Janus-Pro-1B: ``vision_model.vision_tower.*``,
+        ``gen_vision_model.*``, ``language_model.*``, converted on the fly by :func:`original_to_hf`), or a
+        file with either's keys (``janus.``-prefixed adapter keys and ``module.`` wrappers are accepted).
         Refuses a folder whose config.json describes another architecture."""
         path = path or self.cfg.checkpoint
         if not path:
             raise ValueError("Janus.load_official: set model.checkpoint to a local HF Janus-Pro folder")
         self._check_hf_config(Path(path))
         state = read_state_dict(path, "Janus checkpoint (model.checkpoint)")
+        if any(k.startswith(ORIGINAL_PREFIXES) for k in state):
+            state = original_to_hf(state)     # a deepseek-ai release folder (MultiModalityCausalLM)
 
         def rename(k: str) -> str | None:
+            if k.startswith(IGNORED_ORIGINAL):
+                return None
             return k[len("janus."):] if k.startswith("janus.") else k
         report = load_checked(self.janus, state, f"Janus {path}", rename=rename, prefix="janus.")
         return self.check_load(report, allow_missing)
@@ -409,13 +415,14 @@ class Janus(UMMAdapter):
         if not cfg_file.is_file():
             return
         theirs = json.loads(cfg_file.read_text())
-        if theirs.get("model_type") != "janus":
-            raise ValueError(f"{cfg_file}: model_type={theirs.get('model_type')!r}, expected 'janus' (an HF-layout "
-                             "Janus folder such as deepseek-community/Janus-Pro-1B; convert a deepseek-ai "
-                             "original folder with transformers' convert_janus_weights_to_hf.py)")
+        kind = theirs.get("model_type")
+        if kind not in ("janus", "multi_modality"):
+            raise ValueError(f"{cfg_file}: model_type={kind!r}, expected 'janus' (an HF Janus folder such as "
+                             "deepseek-community/Janus-Pro-1B) or 'multi_modality' (deepseek-ai/Janus-Pro-1B)")
         ours = self.config.text_config
-        text = theirs.get("text_config", {})
-        bad = [f"text_config.{k}={text[k]} (ours {getattr(ours, k)})"
+        section = "text_config" if kind == "janus" else "language_config"
+        text = theirs.get(section, {})
+        bad = [f"{section}.{k}={text[k]} (ours {getattr(ours, k)})"
                for k in ("hidden_size", "num_hidden_layers", "vocab_size") if k in text and text[k] != getattr(ours, k)]
         if bad:
             raise ValueError(f"{cfg_file}: this Janus checkpoint does not match the model: {', '.join(bad)}; "
@@ -490,6 +497,54 @@ class Janus(UMMAdapter):
             raise ValueError(f"Janus {task}: {images.shape[0]} images but {len(prompts)} prompts (keys "
                              f"{list(keys)[:3]}...); the objective must fill GenerationBatch.prompts "
                              "(\"\" for unconditional)")
+
+
+# ---- the deepseek-ai release layout (MultiModalityCausalLM: timm SigLIP, LlamaGen VQ-16, LlamaForCausalLM) ----
+ORIGINAL_PREFIXES = ("vision_model.vision_tower.", "gen_vision_model.", "language_model.model.")
+IGNORED_ORIGINAL = ("ignored:",)   # keys original_to_hf marks as having no HF place
+# (original prefix, HF prefix), first match wins; module names inside follow below.
+_ORIGINAL_TOP = (("vision_model.vision_tower.blocks.", "model.vision_model.encoder.layers."),
+                 ("vision_model.vision_tower.patch_embed.proj.", "model.vision_model.embeddings.patch_embedding."),
+                 ("vision_model.vision_tower.norm.", "model.vision_model.post_layernorm."),
+                 ("aligner.layers.0.", "model.aligner.fc1."), ("aligner.layers.2.", "model.aligner.hidden_layers.0."),
+                 ("gen_aligner.layers.0.", "model.generation_aligner.fc1."),
+                 ("gen_aligner.layers.2.", "model.generation_aligner.hidden_layers.0."),
+                 ("gen_head.output_mlp_projector.", "model.generation_head.proj_out."),
+                 ("gen_head.vision_head.", "model.generation_head.vision_head."),
+                 ("gen_embed.", "model.generation_embeddings."), ("gen_vision_model.", "model.vqmodel."),
+                 ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."))
+# Renames inside SigLIP (timm) blocks and inside the VQ (LlamaGen) encoder / decoder.
+_ORIGINAL_INNER = {"model.vision_model.": ((".attn.proj.", ".self_attn.projection_layer."),
+                                           (".norm1.", ".layer_norm1."), (".norm2.", ".layer_norm2.")),
+                   "model.vqmodel.": (("encoder.conv_blocks.", "encoder.down."), ("decoder.conv_blocks.", "decoder.up."),
+                                      (".res.", ".block."), (".mid.0.", ".mid.block_1."), (".mid.1.", ".mid.attn_1."),
+                                      (".mid.2.", ".mid.block_2."))}
+
+
+def original_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A deepseek-ai Janus(-Pro) state dict (`janus/models/modeling_vlm.py` names) → HF Janus keys: SigLIP's
+    fused qkv split into q/k/v, its (1, N, C) position table squeezed, LlamaGen's conv_blocks → down / up.
+    SigLIP's attention-pooling head and the VQ's codebook_used statistic have no HF place (ignored)."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if (k.startswith("vision_model.vision_tower.attn_pool.") or k.endswith("quantize.codebook_used")
+                or k.endswith("rotary_emb.inv_freq")):                # recomputed buffers in older saves
+            out[f"ignored:{k}"] = v
+            continue
+        if k == "vision_model.vision_tower.pos_embed":
+            out["model.vision_model.embeddings.position_embedding.weight"] = v.squeeze(0)
+            continue
+        new = next((hf + k[len(o):] for o, hf in _ORIGINAL_TOP if k.startswith(o)), k)
+        for prefix, pairs in _ORIGINAL_INNER.items():
+            if new.startswith(prefix):
+                for a, b in pairs:
+                    new = new.replace(a, b)
+        if new.startswith("model.vision_model.") and ".attn.qkv." in new:
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                out[new.replace(".attn.qkv.", f".self_attn.{name}.")] = part
+            continue
+        out[new] = v
+    return out
 
 
 def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
