@@ -7,9 +7,9 @@ Facts from deepseek-ai/Janus (`janus/models/modeling_vlm.py`, `processing_vlm.py
 and the release configs (deepseek-ai/Janus-Pro-1B and -7B `config.json`, as converted by transformers'
 `convert_janus_weights_to_hf.py`; deepseek-community/Janus-Pro-1B). The adapter holds the HF model as
 ``janus``: state-dict keys are ``janus.`` + the keys of an HF Janus folder, so a folder loads and exports
-one to one (a deepseek-ai release folder is renamed on load). Understanding reads SigLIP features through ``aligner`` and scores text with ``lm_head``;
-generation feeds VQ codes through ``generation_embeddings`` → ``generation_aligner`` and scores them with
-``generation_head`` (next-token CE over the target's codes), conditioned -- the UniMRG rule -- on the input
+one to one (a deepseek-ai release folder is renamed on load). Understanding reads SigLIP features through
+``aligner`` and scores text with ``lm_head``; generation feeds VQ codes through ``generation_embeddings`` →
+``generation_aligner`` and scores them with ``generation_head`` (next-token CE over the target's codes), conditioned -- the UniMRG rule -- on the input
 image's SigLIP features and the prompt in the chat layout. SigLIP and the VQ tokenizer are frozen.
 
 ZeRO-3: every weight is used through a submodule's forward (the codebook too: it is read through the
@@ -68,7 +68,8 @@ class JanusModelConfig(ModelConfig):
 def build_arch(cfg: JanusModelConfig, vocab_size: int = 102400, image_token_id: int = 100581) -> JanusConfig:
     """The HF config of ``cfg.size`` / ``cfg.variant``. Full: SigLIP-L/16 at 384 px (24 × 24 = 576 features),
     VQ-16 with 16,384 8-dim codes (576 codes per 384-px image), DeepSeek-LLM with an untied head (the
-    release's LlamaForCausalLM). Tiny: the same structure with SigLIP at 32 px, VQ at 16 px, 16 tokens per image, 64 codes."""
+    release's LlamaForCausalLM). Tiny: the same structure with SigLIP at 32 px, VQ at 16 px, 16 tokens per
+    image, 64 codes."""
     if cfg.size == "full":
         if cfg.variant not in LLM:
             raise ValueError(f"Janus: unknown model.variant={cfg.variant!r}; use one of {sorted(LLM)}")
@@ -516,8 +517,9 @@ _ORIGINAL_TOP = (("vision_model.vision_tower.blocks.", "model.vision_model.encod
 # Renames inside SigLIP (timm) blocks and inside the VQ (LlamaGen) encoder / decoder.
 _ORIGINAL_INNER = {"model.vision_model.": ((".attn.proj.", ".self_attn.projection_layer."),
                                            (".norm1.", ".layer_norm1."), (".norm2.", ".layer_norm2.")),
-                   "model.vqmodel.": (("encoder.conv_blocks.", "encoder.down."), ("decoder.conv_blocks.", "decoder.up."),
-                                      (".res.", ".block."), (".mid.0.", ".mid.block_1."), (".mid.1.", ".mid.attn_1."),
+                   "model.vqmodel.": (("encoder.conv_blocks.", "encoder.down."),
+                                      ("decoder.conv_blocks.", "decoder.up."), (".res.", ".block."),
+                                      (".mid.0.", ".mid.block_1."), (".mid.1.", ".mid.attn_1."),
                                       (".mid.2.", ".mid.block_2."))}
 
 
