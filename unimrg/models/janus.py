@@ -10,7 +10,8 @@ and the release configs (deepseek-ai/Janus-Pro-1B and -7B `config.json`, as conv
 one to one (a deepseek-ai release folder is renamed on load). Understanding reads SigLIP features through
 ``aligner`` and scores text with ``lm_head``; generation feeds VQ codes through ``generation_embeddings`` →
 ``generation_aligner`` and scores them with ``generation_head`` (next-token CE over the target's codes),
-conditioned -- the UniMRG rule -- on the input image's SigLIP features and the prompt in the chat layout. SigLIP and the VQ tokenizer are frozen.
+conditioned -- the UniMRG rule -- on the input image's SigLIP features and the prompt in the chat layout.
+SigLIP and the VQ tokenizer are frozen.
 
 ZeRO-3: every weight is used through a submodule's forward (the codebook too: it is read through the
 ``Embedding``'s forward), so DeepSpeed's hooks gather partitioned parameters.
