@@ -33,7 +33,8 @@ def test_gpu_suite_smoke_writes_every_model_and_target(repo, tmp_path):
 def test_stand_in_tokenizers_put_special_tokens_at_the_released_ids():
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     from bench.gpu_suite import released_special_ids, stand_in_tokenizer
-    for model, want in (("openuni", {"<IMG_CONTEXT>": 151667}), ("showo", {"[PAD]": 50295})):
+    for model, want in (("openuni", {"<IMG_CONTEXT>": 151667}), ("showo", {"[PAD]": 50295}),
+                        ("janus", {"<image_placeholder>": 100581})):
         tok = stand_in_tokenizer(model)
         assert {t: tok.convert_tokens_to_ids(t) for t in want} == want
         assert all(tok.convert_tokens_to_ids(t) == i for t, i in released_special_ids(model).items())
@@ -46,3 +47,6 @@ def test_stand_in_tokenizers_put_special_tokens_at_the_released_ids():
     from unimrg.models.showo.arch import arch_for as showo_arch
     check_openuni(stand_in_tokenizer("openuni"), openuni_arch("full"), "stand-in")
     check_showo(stand_in_tokenizer("showo"), showo_arch("full", ShowoConfig(size="full").codebook_size, 0), "stand-in")
+    from unimrg.models.janus import JanusModelConfig, build_arch
+    from unimrg.models.janus import _check_tokenizer as check_janus
+    check_janus(stand_in_tokenizer("janus"), build_arch(JanusModelConfig(size="full")), "stand-in")
