@@ -39,10 +39,13 @@ TINY_SPECIAL_TOKENS = (IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, ENDOFT
 
 @dataclass
 class OpenUniConfig(ModelConfig):
-    """OpenUni-L-512 (InternVL3-2B + SANA-1600M-512px). Architecture numbers come from ``size``
-    (see ``unimrg/models/openuni/arch.py``); these fields are what a run may choose."""
+    """OpenUni (default OpenUni-L-512: InternVL3-2B + SANA-1600M-512px). Architecture numbers come from
+    ``variant`` and ``size`` (see ``unimrg/models/openuni/arch.py``); these fields are what a run may choose."""
 
     name: str = "openuni"
+    # Released variant: b512 (InternVL3-1B + SANA-0.6B-512px), l512, l1024 (InternVL3-2B + SANA1.5-1.6B-1024px),
+    # or the official config names (openuni_b_internvl3_1b_sana_0_6b_512_hf, ...). Sets the native resolution.
+    variant: str = "l512"
     # Full size: local folder with the InternVL3-2B tokenizer (default: internvl_path).
     tokenizer: str | None = None
     # Official weights (local folders; `checkpoint` is the OpenUni release file, loaded last so it wins):
@@ -86,9 +89,10 @@ class OpenUni(UMMAdapter):
         self.tokenizer = build_tokenizer(cfg)
         tok = self.tokenizer
         if cfg.size == "tiny":
-            arch = arch_for("tiny", vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT))
+            arch = arch_for("tiny", vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT),
+                            variant=cfg.variant)
         else:
-            arch = arch_for(cfg.size)
+            arch = arch_for(cfg.size, variant=cfg.variant)
         if cfg.smoke:
             arch = smoke(arch)
         self.arch: OpenUniArch = arch
@@ -120,16 +124,16 @@ class OpenUni(UMMAdapter):
     @classmethod
     def native_resolution(cls, cfg: OpenUniConfig) -> Resolution:
         # Full: InternViT reads 448 px (wusize/OpenUni `src/models/openuni/internvl3_sana_hf.py`,
-        # `vit_input_size=448`); SANA-1600M-512px generates 512 px (`configs/datasets/internvl3_2b_512/
-        # processors.py`, `image_size = 512`). Tiny: the tiny arch's sizes.
-        arch = arch_for(cfg.size, vocab_size=1, image_token_id=0)
+        # `vit_input_size=448`); the variant's SANA generates 512 or 1024 px (`configs/datasets/
+        # internvl3_{1b_512,2b_512,2b_1024}/processors.py`, `image_size`). Tiny: the tiny arch's sizes.
+        arch = arch_for(cfg.size, vocab_size=1, image_token_id=0, variant=cfg.variant)
         return Resolution(arch.vit_image_size, arch.gen_image_size)
 
     @classmethod
     def sequence_plan(cls, cfg: OpenUniConfig, task: str) -> dict[str, int]:
         # The adapter brings any loader size to the encoders' own (InternViT, DC-AE): token counts are the arch's.
         from unimrg.models.openuni.arch import vae_downsample
-        arch = arch_for(cfg.size, vocab_size=1, image_token_id=0)
+        arch = arch_for(cfg.size, vocab_size=1, image_token_id=0, variant=cfg.variant)
         if task == "und":
             return {"image tokens": arch.image_seq_length, "sequence ≤": cfg.max_length}
         latent = (arch.gen_image_size // vae_downsample(arch.vae)) ** 2
@@ -320,10 +324,13 @@ class OpenUni(UMMAdapter):
         return self.check_load(report, allow_missing, strict=True)
 
     def export_official(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write (a) ``openuni.pth``, the OpenUni release layout the official inference code loads, and (b)
-        ``internvl_hf/``, the understanding model as a transformers ``save_pretrained`` folder (+ tokenizer);
-        when ``cfg.internvl_path`` is an original-layout folder, also (c) ``internvl_original/``: that folder's
-        config/code/tokenizer files with the trained weights, for toolkits that load the remote-code model."""
+        """The release layout: (a) ``openuni.pth``, exactly the keys of the OpenUni release files (queries,
+        connector, projector, SANA: ``weights.RELEASE_PREFIXES``), for ``--checkpoint`` of the official scripts;
+        (b) ``internvl_hf/``, the trained InternVL3 as a self-contained transformers folder (config, weights,
+        tokenizer, image processor); when ``cfg.internvl_path`` is an original-layout folder, also (c)
+        ``internvl_original/``: that folder's config/code/tokenizer files with the trained weights, the folder
+        OpenUni's configs load the LMM from (``internvl3_model_name_or_path``). The frozen DC-AE is not copied:
+        it is the public dc-ae-f32c32-sana-1.1, unchanged (``model.vae_path`` loads it back)."""
         from unimrg.models.official_io import write_state_dict
         from unimrg.models.openuni import weights as W
         self._check_materialised("export_official")
@@ -335,10 +342,13 @@ class OpenUni(UMMAdapter):
         self.lmm.save_pretrained(hf)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(hf)
-        if self.cfg.internvl_path and W.internvl_layout(self.cfg.internvl_path) == "transformers":
+        layout = W.internvl_layout(self.cfg.internvl_path) if self.cfg.internvl_path else None
+        if layout == "transformers":
             W.copy_non_weight_files(self.cfg.internvl_path, hf, overwrite=False)  # processor / chat template
+        W.write_internvl_processor(hf, self.arch.vit_image_size, self.arch.image_seq_length, IMAGENET_MEAN,
+                                   IMAGENET_STD)
         paths["internvl_hf"] = hf
-        if self.cfg.internvl_path and W.internvl_layout(self.cfg.internvl_path) == "original":
+        if layout == "original":
             orig = out / "internvl_original"
             orig.mkdir(exist_ok=True)
             W.copy_non_weight_files(self.cfg.internvl_path, orig, overwrite=True)
