@@ -372,9 +372,12 @@ class Showo(UMMAdapter):
 
     def export_official(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None
                         ) -> dict[str, Path]:
-        """Write the released layouts: ``showo/pytorch_model.bin`` (+ config.json), ``magvitv2/pytorch_model.bin``
-        and ``clip-vit/model.safetensors`` (vision tower only). ``state_dict`` defaults to this model's
-        (pass the trainer's consolidated ``final/model.pt`` to export a ZeRO run)."""
+        """Write the released layouts, each folder loadable the way Show-o's code loads it (offline):
+        ``showo/`` (``pytorch_model.bin`` + ``config.json``: ``Showo.from_pretrained``), ``magvitv2/``
+        (``pytorch_model.bin`` + ``config.json``: ``MAGVITv2.from_pretrained``) and ``clip-vit/`` (vision tower
+        only: ``model.safetensors``, ``config.json`` and ``preprocessor_config.json`` for Show-o's
+        ``CLIPVisionModel`` / ``CLIPVisionConfig`` / ``CLIPImageProcessor.from_pretrained``, `models/clip_encoder.py`).
+        ``state_dict`` defaults to this model's (pass the trainer's consolidated ``final/model.pt``)."""
         sd = self.state_dict() if state_dict is None else state_dict
         out = Path(out_dir)
         showo = {k: v for k, v in sd.items() if k.startswith(("showo.", "mm_projector."))}
@@ -384,6 +387,10 @@ class Showo(UMMAdapter):
                  "vq_model": write_state_dict(magvit, out / "magvitv2" / "pytorch_model.bin"),
                  "vision_tower": write_state_dict(clip, out / "clip-vit" / "model.safetensors")}
         (out / "showo" / "config.json").write_text(json.dumps(self._official_config(), indent=2) + "\n")
+        # MAGVITv2 registers no config arguments (Show-o `models/modeling_magvitv2.py`): the class name is all.
+        (out / "magvitv2" / "config.json").write_text(json.dumps({"_class_name": "MAGVITv2"}, indent=2) + "\n")
+        self.vision_tower.config.save_pretrained(out / "clip-vit")
+        _clip_image_processor(self.arch.clip.image_size).save_pretrained(out / "clip-vit")
         return paths
 
     def _official_config(self) -> dict:
@@ -553,3 +560,12 @@ def _check_tokenizer(tok: PreTrainedTokenizerBase, arch: ShowoArch, where: str |
                              "without other added tokens")
     if tok.convert_tokens_to_ids(ENDOFTEXT) in (None, tok.unk_token_id):
         raise ValueError(f"tokenizer {where or '(built-in)'} lacks {ENDOFTEXT!r} (Phi-1.5's bos/eos)")
+
+
+def _clip_image_processor(size: int):
+    """openai/clip-vit-large-patch14-336's preprocessor_config.json at ``size``: bicubic resize of the shorter
+    side, centre crop, rescale, OpenAI CLIP mean/std."""
+    from transformers import CLIPImageProcessor
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              do_center_crop=True, do_resize=True, do_rescale=True, do_normalize=True,
+                              resample=3, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
