@@ -159,3 +159,19 @@ def test_variant_names():
         canonical_variant("l2048")
     assert OpenUni.native_resolution(OpenUniConfig(size="full", variant="l1024")).target == 1024
     assert OpenUni.native_resolution(OpenUniConfig(size="full", variant="b512")).target == 512
+
+
+@pytest.mark.parametrize("variant, target, latent", [("b512", 512, 256), ("l1024", 1024, 1024)])
+def test_dry_run_resolution_follows_the_variant(variant, target, latent):
+    """What `submit.py --dry-run` prints (config.shape_report) for the paper recipe at model.variant=."""
+    from unimrg.config import ConfigError, check_resolution, load_config, recipe_path, shape_report
+    recipe = recipe_path("openuni", "paper")
+    cfg = load_config(recipe, [f"model.variant={variant}"], model="openuni")
+    assert (cfg.model.image_size, cfg.model.target_size) == (448, target)
+    check_resolution(cfg.model)
+    report = shape_report(cfg, ["pix"])
+    assert f"generation targets {target} px (native 448 / {target})" in report
+    assert f"target latent tokens {latent}" in report
+    cfg = load_config(recipe, [f"model.variant={variant}", "model.target_size=768"], model="openuni")
+    with pytest.raises(ConfigError, match=f"448 \\(input images\\) / {target}"):
+        check_resolution(cfg.model)

@@ -232,3 +232,19 @@ def test_export_command_from_a_trained_state_dict(official, tmp_path):
     back = build(seed=5, internvl_path=str(paths["internvl_hf"]), vae_path=str(f["vae"]))
     back.load_official(str(paths["openuni"]))
     assert_same(back, source)
+
+
+def test_tiny_l1024_keeps_sana15_qk_norms_through_load_and_sample(tmp_path):
+    source = build(seed=0, variant="l1024")
+    f = write_official_folders(source, tmp_path / "official")
+    norms = [k for k in torch.load(f["release"]) if ".norm_q." in k or ".norm_k." in k]
+    assert len(norms) == 4 * source.arch.sana["num_layers"]              # attn1 + attn2, q and k
+    model = build(seed=1, variant="openuni_l_internvl3_2b_sana_1_6b_1024_hf", internvl_path=str(f["orig"]),
+                  vae_path=str(f["vae"]))
+    report = model.load_official(str(f["release"]))
+    assert report.missing == [] and report.unexpected == []
+    assert_same(model, source)
+    images = torch.randint(0, 256, (1, 3, 40, 40), dtype=torch.uint8)
+    assert model.sample(images, ["depth"], num_steps=1).shape[-1] == model.arch.gen_image_size
+    with pytest.raises(ValueError, match="norm_q"):                       # an L-512 model has no place for them
+        build(seed=1, internvl_path=str(f["orig"]), vae_path=str(f["vae"])).load_official(str(f["release"]))
