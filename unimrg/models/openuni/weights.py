@@ -175,7 +175,8 @@ def read_internvl(folder: str | Path) -> Source:
     model, info = InternVLForConditionalGeneration.from_pretrained(str(folder), output_loading_info=True)
     missing = sorted(info.get("missing_keys", ()))
     if info.get("mismatched_keys"):
-        raise ValueError(f"{what}: shape mismatches {sorted(info['mismatched_keys'])[:10]}; is it InternVL3-2B?")
+        raise ValueError(f"{what}: shape mismatches {sorted(info['mismatched_keys'])[:10]}; does model.variant match "
+                         "it (b512: InternVL3-1B; l512 / l1024: InternVL3-2B)?")
     state = {LMM + k: v for k, v in model.state_dict().items() if k not in missing}
     return Source(what, state, missing=[LMM + k for k in missing], unexpected=sorted(info.get("unexpected_keys", ())))
 
@@ -195,7 +196,9 @@ def read_diffusers(folder: str | Path, subfolder: str, expected: Mapping[str, An
     wrong = [f"{k}={cfg[k]!r} (expected {_plain(v)!r})" for k, v in expected.items()
              if k in cfg and _plain(cfg[k]) != _plain(v)]
     if wrong:
-        raise ValueError(f"{cfg_file}: not the architecture OpenUni uses: " + ", ".join(wrong))
+        raise ValueError(f"{cfg_file}: not the architecture of this OpenUni variant: " + ", ".join(wrong)
+                         + "; set model.variant to the release it belongs to (b512: Sana_600M_512px, l512: "
+                         "Sana_1600M_512px, l1024: SANA1.5_1.6B_1024px)")
     state = read_state_dict(p, what)
     return Source(what, {prefix + k: v for k, v in state.items()})
 
