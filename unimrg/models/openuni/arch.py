@@ -103,8 +103,6 @@ PUBLISHED_MILLIONS_BY_VARIANT: dict[str, dict[str, tuple[float, tuple[str, ...],
         "Qwen2.5-0.5B": (490.0, ("language_model",), "Qwen2.5-0.5B model card: 0.49B parameters"),
         "Qwen2.5-0.5B non-embedding": (360.0, ("language_model", "-embed_tokens"),
                                        "Qwen2.5-0.5B model card: 0.36B non-embedding parameters"),
-        "InternVL3-1B": (940.0, ("vision_tower", "multi_modal_projector", "language_model", "lm_head"),
-                         "OpenGVLab/InternVL3-1B model page: 0.94B parameters (untied lm_head)"),
         "SANA-600M": (600.0, ("transformer",), "model name Efficient-Large-Model/Sana_600M_512px"),
     },
     "l512": {
@@ -123,8 +121,10 @@ PUBLISHED_MILLIONS = PUBLISHED_MILLIONS_BY_VARIANT[DEFAULT_VARIANT]
 
 def _internvl3(llm: str) -> InternVLConfig:
     """InternVL3-1B / -2B: InternViT-300M-448px-V2_5 + Qwen2.5-0.5B / -1.5B (OpenGVLab/InternVL3-{1B,2B}
-    config.json): qkv bias, no qk-norm, LayerNorm, layer scale 0.1, pixel-shuffle 0.5, untied lm_head (the
-    1B's Qwen2.5-0.5B is untied inside InternVL too: llm_config tie_word_embeddings false, 0.9B in all)."""
+    config.json): qkv bias, no qk-norm, LayerNorm, layer scale 0.1, pixel-shuffle 0.5, untied lm_head. The 1B
+    unties Qwen2.5-0.5B's lm_head as well: InternVL's 0.5B-LLM checkpoints set llm_config tie_word_embeddings
+    false (OpenGVLab/InternVL2-Pretrain-Models, InternVL2-1B config.json), and the published "0.9B" only adds
+    up untied (938M here; tied it would be 802M)."""
     vision = InternVLVisionConfig(
         hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
         image_size=448, patch_size=14, attention_bias=True, use_qk_norm=False, norm_type="layer_norm",
