@@ -46,7 +46,7 @@ class OpenUniConfig(ModelConfig):
     # Released variant: b512 (InternVL3-1B + SANA-0.6B-512px), l512, l1024 (InternVL3-2B + SANA1.5-1.6B-1024px),
     # or the official config names (openuni_b_internvl3_1b_sana_0_6b_512_hf, ...). Sets the native resolution.
     variant: str = "l512"
-    # Full size: local folder with the InternVL3-2B tokenizer (default: internvl_path).
+    # Full size: local folder with the InternVL3 tokenizer (1B and 2B share it; default: internvl_path).
     tokenizer: str | None = None
     # Official weights (local folders; `checkpoint` is the OpenUni release file, loaded last so it wins):
     internvl_path: str | None = None  # InternVL3-2B, original (vision_model/mlp1/language_model) or -hf layout
