@@ -167,8 +167,8 @@ class Showo(UMMAdapter):
         """All batches of a micro-step in one LLM pass; returns one loss per task.
 
         Understanding: next-token CE on the answer tokens. Generation: the target's MAGVIT-v2 codes are
-        masked with ratio cos(π/2·t), t ~ U(0, 1), and CE is taken on the masked positions over the whole
-        vocabulary (Show-o `mask_or_random_replace_tokens` + `Showo.forward`).
+        masked with ratio cos(π/2·t), t ~ U(0, 1), and CE is taken on the masked positions and the closing
+        <|eoi|> over the whole vocabulary (Show-o `mask_or_random_replace_tokens` + `Showo.forward`'s `loss_t2i`).
         """
         tasks = [b.task for b in batches]
         if len(set(tasks)) != len(tasks):
@@ -451,7 +451,7 @@ class Showo(UMMAdapter):
         The condition block is Show-o's understanding layout; the text and image part is its t2i layout
         (`UniversalPrompting.t2i_prompt`), where an empty prompt is <bos><eos> (its unconditional form:
         the image condition stays). ``codes`` (n_img,) are code indices or ``mask_id``; ``mask`` marks
-        the positions scored."""
+        the masked (scored) codes; <|eoi|> is scored too."""
         bos = eos = self._eos_id()
         text = self._encode(prompt.strip())[:self.cfg.max_prompt_len] if prompt.strip() else []
         s = _Seq(task)
@@ -462,8 +462,11 @@ class Showo(UMMAdapter):
         code_ids = torch.where(codes == self.mask_id, codes, codes + self.image_offset)
         s.ids += [self.soi_id] + torch.where(mask, self.mask_id, code_ids).tolist() + [self.eoi_id]
         s.block = (start, len(s.ids))          # <|soi|> … <|eoi|> inclusive, as Show-o's image segment
-        s.preds = (start + 1 + torch.nonzero(mask)[:, 0]).tolist()
-        s.targets = code_ids[mask].tolist()
+        # Scored as Show-o's `loss_t2i`: its labels (`t2i_prompt`) are the sequence with unmasked codes set
+        # to -100, and `Showo.forward` takes the CE from the first image token on (`max_seq_length + 1:`), so
+        # the masked codes and the closing <|eoi|> are scored (<|soi|> and the text fall before the slice).
+        s.preds = (start + 1 + torch.nonzero(mask)[:, 0]).tolist() + [len(s.ids) - 1]
+        s.targets = code_ids[mask].tolist() + [self.eoi_id]
         return s
 
     def _pack(self, seqs: list[_Seq]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
