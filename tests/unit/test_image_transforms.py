@@ -133,3 +133,18 @@ def test_fit_geometry_rules():
     assert d[0].sum() == 0 and d[3].sum() == 0 and (d[1:3] == 1).all()
     with pytest.raises(ValueError, match="image fit 'squash'"):
         Fit("squash")
+
+
+def test_eval_job_questions_see_the_understanding_transform_and_maps_the_whole_image(tmp_path):
+    from unimrg.config import load_config
+    from unimrg.eval.job import Unit, Worker
+    cls = registry.adapter_class("showo")
+    cfg = load_config(model="showo", overrides=["model.image_size=3"])
+    worker = Worker(None, cfg, cls.__new__(cls), "cpu")   # only the adapter's class is read
+    a = picture(6, 3, seed=4)
+    path = tmp_path / "wide.png"
+    path.write_bytes(png(a))
+    question, _ = worker.image(Unit("q", path, str(path), prompt="What is this?"))
+    assert np.array_equal(question.permute(1, 2, 0).numpy(), a[:, 1:4])            # CLIP's centre crop
+    whole, _ = worker.image(Unit("g", path, str(path), tasks=(DEPTH,)))
+    assert np.array_equal(whole.permute(1, 2, 0).numpy(), np.asarray(Image.fromarray(a).resize((3, 3), Image.BICUBIC)))

@@ -10,6 +10,9 @@ decodes every part itself, because the default decoder turns a 16-bit depth PNG 
 
 Parts per task: und ``jpg|jpeg|png`` + ``json`` (a LLaVA record, see unimrg.data.llava); pix the
 image; depth the image + ``depth.png`` (16-bit or 8-bit grey); seg the image + ``seg.png`` (boundary map).
+Images and targets reach the model's sizes through its released transforms (``transforms``, from
+``UMMAdapter.image_transforms``; unimrg/data/transforms.py): und images by the understanding one, a
+generation task's condition image and targets by theirs, the maps through their picture's geometry.
 
 Text-only conversations. ``ROOT/und_text`` (``<key>.json`` only: the text-only LLaVA records the
 ingestion sets apart, e.g. the ~40K ShareGPT turns of Mix-665K) is blended into the und stream
