@@ -148,3 +148,17 @@ def test_eval_job_questions_see_the_understanding_transform_and_maps_the_whole_i
     assert np.array_equal(question.permute(1, 2, 0).numpy(), a[:, 1:4])            # CLIP's centre crop
     whole, _ = worker.image(Unit("g", path, str(path), tasks=(DEPTH,)))
     assert np.array_equal(whole.permute(1, 2, 0).numpy(), np.asarray(Image.fromarray(a).resize((3, 3), Image.BICUBIC)))
+
+
+def test_long_side_pad_for_siglip_style_processors():
+    # transformers' JanusImageProcessor: longer side → S, shorter max(round(S · short / long), 14), then
+    # centred grey padding. 4×2 at 4: no resize, rows 1–2 the picture, rows 0 and 3 grey.
+    a = picture(4, 2, seed=5)
+    fit = Fit("long_side_pad", fill=127, min_side=1)
+    want = np.full((4, 4, 3), 127, np.uint8)
+    want[1:3] = a
+    assert np.array_equal(np.asarray(fit.rgb(Image.fromarray(a), 4)), want)
+    g = Fit("long_side_pad", min_side=14).geometry(100, 10, 50)
+    assert g.resize == (50, 14) and g.post_pad == (50, 0, 18)       # round(5) = 5 < 14: floored to 14
+    d = fit.depth(np.ones((2, 4), np.float32), 4)
+    assert (d[1:3] == 1).all() and d[0].sum() == 0 and d[3].sum() == 0

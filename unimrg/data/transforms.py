@@ -19,6 +19,9 @@ pictures, depth maps and boundary maps, so a target stays aligned with the pictu
 - ``crop``: the centred square of the shorter side's length, then resize to S×S.
 - ``short_side_crop``: resize so the shorter side is S (the longer ``int(S · long / short)``), then the
   centred S×S crop (CLIP's image processor, torchvision's ``Resize(S)`` + ``CenterCrop(S)``).
+- ``long_side_pad``: resize so the longer side is S (the shorter ``max(round(S · short / long),
+  min_side)``), then pad to S×S, centred (``(S - short) // 2``), with ``fill`` (transformers'
+  ``JanusImageProcessor``: resize + ``pad_to_square``).
 
 Centre offsets of a difference ``d``: ``offset="floor"`` is ``d // 2`` (transformers' ``center_crop``),
 ``"round"`` is ``round(d / 2)``, Python's half-to-even rounding (torchvision's ``CenterCrop``).
@@ -38,7 +41,7 @@ from PIL import Image
 
 from unimrg.data.images import resize_boundary
 
-FITS = ("stretch", "pad", "crop", "short_side_crop")
+FITS = ("stretch", "pad", "crop", "short_side_crop", "long_side_pad")
 OFFSETS = ("floor", "round")
 PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
@@ -51,6 +54,7 @@ class Geometry:
     pre_crop: tuple[int, int, int, int] | None  # (left, top, right, bottom) before the resize
     resize: tuple[int, int]                     # (width, height)
     post_crop: tuple[int, int, int, int] | None  # after the resize
+    post_pad: tuple[int, int, int] | None = None  # (side, left, top) after the resize
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class Fit:
     fill: int = 127            # pad: RGB grey of the padding (maps are padded with 0)
     offset: str = "floor"      # crop modes: "floor" (transformers) | "round" (torchvision)
     resample: str = "bicubic"  # PIL filter for RGB pictures
+    min_side: int = 1          # long_side_pad: floor of the resized shorter side
 
     def __post_init__(self) -> None:
         if self.mode not in FITS:
@@ -84,6 +89,9 @@ class Fit:
             side = min(w, h)
             left, top = self._centre(w - side), self._centre(h - side)
             return Geometry(None, (left, top, left + side, top + side), (s, s), None)
+        if self.mode == "long_side_pad":
+            rw, rh = (s, max(round(h * s / w), self.min_side)) if w >= h else (max(round(w * s / h), self.min_side), s)
+            return Geometry(None, None, (rw, rh), None, (s, (s - rw) // 2, (s - rh) // 2))
         # short_side_crop: transformers' get_resize_output_image_size / torchvision's Resize(int)
         rw, rh = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
         left, top = self._centre(rw - s), self._centre(rh - s)
@@ -102,7 +110,14 @@ class Fit:
             img = img.crop(g.pre_crop)
         if img.size != g.resize:
             img = img.resize(g.resize, PIL_FILTERS[self.resample])
-        return img.crop(g.post_crop) if g.post_crop else img
+        if g.post_crop:
+            img = img.crop(g.post_crop)
+        if g.post_pad:
+            side, left, top = g.post_pad
+            canvas = Image.new("RGB", (side, side), (self.fill,) * 3)
+            canvas.paste(img, (left, top))
+            img = canvas
+        return img
 
     def depth(self, d: np.ndarray, size: int) -> np.ndarray:
         """(H, W) float32 map → (size, size), resized bilinearly as float."""
@@ -117,10 +132,7 @@ class Fit:
         h, w = a.shape
         g = self.geometry(w, h, size)
         if g.pad:
-            side, left, top = g.pad
-            out = np.zeros((side, side), dtype=a.dtype)
-            out[top:top + h, left:left + w] = a
-            a = out
+            a = _pad(a, *g.pad)
         if g.pre_crop:
             l, t, r, b = g.pre_crop
             a = a[t:b, l:r]
@@ -129,7 +141,15 @@ class Fit:
         if g.post_crop:
             l, t, r, b = g.post_crop
             a = a[t:b, l:r]
+        if g.post_pad:
+            a = _pad(a, *g.post_pad)
         return a
+
+
+def _pad(a: np.ndarray, side: int, left: int, top: int) -> np.ndarray:
+    out = np.zeros((side, side), dtype=a.dtype)
+    out[top:top + a.shape[0], left:left + a.shape[1]] = a
+    return out
 
 
 STRETCH = Fit("stretch")
@@ -160,7 +180,8 @@ class ImageTransforms:
 
 
 def _describe(f: Fit) -> str:
-    extra = {"pad": f" grey {f.fill}", "crop": f" offset {f.offset}", "short_side_crop": f" offset {f.offset}"}
+    extra = {"pad": f" grey {f.fill}", "crop": f" offset {f.offset}", "short_side_crop": f" offset {f.offset}",
+             "long_side_pad": f" grey {f.fill}"}
     return f"{f.mode}{extra.get(f.mode, '')} {f.resample}"
 
 
