@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderDC, SanaTransformer2DModel
 from torch import nn
 from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerBase
@@ -27,6 +26,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
 from unimrg.data.batches import GenerationBatch, UnderstandingBatch
 from unimrg.data.llava import dialogue_turns
+from unimrg.data.transforms import STRETCH, Fit, ImageTransforms, resize_tensor
 from unimrg.models.base import ModelConfig, Resolution, UMMAdapter
 from unimrg.models.official_io import LoadReport
 from unimrg.models.openuni.arch import (
@@ -129,6 +129,18 @@ class OpenUni(UMMAdapter):
         arch = arch_for(cfg.size, vocab_size=1, image_token_id=0, variant=cfg.variant)
         return Resolution(arch.vit_image_size, arch.gen_image_size)
 
+    # Released preprocessing. Generation targets: the centred square of the shorter side, resized to 512
+    # (bicubic) — wusize/OpenUni src/datasets/image2image/edit_datasets.py ReconstructDataset:
+    # crop2square, then PIL resize; its crop offset is random (src/datasets/utils.py), we take the
+    # centre so that image, depth and seg crops agree and a resumed run sees the same pixels. Condition:
+    # that 512 picture resized to 448 bilinearly without antialias (src/models/openuni/
+    # internvl3_sana_hf.py get_semantic_features: F.interpolate(..., mode='bilinear')). Understanding:
+    # InternVL's own single-tile input — dynamic_preprocess with one tile resizes the whole image to
+    # 448×448 (PIL bicubic); UniMRG feeds one tile (256 tokens), OpenUni's release trains no understanding.
+    release_transforms = ImageTransforms(
+        understanding=STRETCH, target=Fit("crop", offset="floor"), condition=None, condition_resize="bilinear",
+        source="OpenUni: ReconstructDataset crop2square (centred) → 512; get_semantic_features bilinear → 448")
+
     @classmethod
     def sequence_plan(cls, cfg: OpenUniConfig, task: str) -> dict[str, int]:
         # The adapter brings any loader size to the encoders' own (InternViT, DC-AE): token counts are the arch's.
@@ -192,7 +204,7 @@ class OpenUni(UMMAdapter):
         grad = self.cfg.generation_grad_to_projector and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad):
             feats = self.lmm.model.get_image_features(                      # (B, N, hidden)
-                pixel_values=self._vit_pixels(images, device, dtype)).pooler_output
+                pixel_values=self._vit_pixels(images, device, dtype, condition=True)).pooler_output
         ids, mask = self._generation_prompt_ids(prompts, n_image_tokens=feats.shape[1])
         ids, mask = ids.to(device), mask.to(device)
         embeds = self.lmm.get_input_embeddings()(ids)                       # (B, L, hidden)
@@ -214,7 +226,7 @@ class OpenUni(UMMAdapter):
     def encode_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """Float [0, 1] (B, 3, H, W) → scaled DC-AE latents (B, C, S/f, S/f) at the generation size."""
         device, dtype = self._device_dtype()
-        x = _resize(targets.to(device=device, dtype=torch.float32), self.arch.gen_image_size)
+        x = resize_tensor(targets.to(device=device, dtype=torch.float32), self.arch.gen_image_size)
         x = (x * 2 - 1).to(dtype)                                           # the VAE reads [-1, 1]
         with torch.no_grad():
             return self.vae.encode(x).latent * self.vae.config.scaling_factor
@@ -406,11 +418,15 @@ class OpenUni(UMMAdapter):
         target = noise - latents
         return ((pred.float() - target.float()) ** 2).reshape(b, -1).mean(dim=1).mean()
 
-    def _vit_pixels(self, images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """uint8 (B, 3, H, W) → ImageNet-normalised (B, 3, S, S) at InternViT's input size."""
+    def _vit_pixels(self, images: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                    condition: bool = False) -> torch.Tensor:
+        """uint8 (B, 3, H, W) → ImageNet-normalised (B, 3, S, S) at InternViT's input size. Other sizes
+        (the loaders deliver S) are resized as the release does: a generation condition bilinearly without
+        antialias (OpenUni's get_semantic_features), an understanding image bicubic (InternVL's PIL resize)."""
         if images.dtype != torch.uint8:
             raise TypeError(f"OpenUni expects uint8 images (B, 3, H, W), got {images.dtype}")
-        x = _resize(images.to(device=device, dtype=torch.float32) / 255.0, self.arch.vit_image_size)
+        x = resize_tensor(images.to(device=device, dtype=torch.float32) / 255.0, self.arch.vit_image_size,
+                          *(("bilinear", False) if condition else ("bicubic", True)))
         mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         return ((x - mean) / std).to(dtype)
@@ -489,13 +505,6 @@ def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]
         out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, :len(s)] = True
     return out, mask
-
-
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Square resize of float images; bicubic + antialias like InternVL's PIL BICUBIC transform."""
-    if x.shape[-2:] == (size, size):
-        return x
-    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
 
 
 def _init_connector(connector: nn.Module) -> None:
