@@ -192,7 +192,8 @@ def shape_report(cfg: Config, tasks: list[str]) -> str:
     cls = registry.adapter_class(cfg.model.name)
     m = cfg.model
     lines = [f"resolution: input images {m.image_size} px, generation targets {m.target_size} px "
-             f"(native {cls.native_resolution(m).image} / {cls.native_resolution(m).target})"]
+             f"(native {cls.native_resolution(m).image} / {cls.native_resolution(m).target})",
+             f"preprocessing ({m.preprocessing}): {cls.image_transforms(m).describe()}"]
     per_task = cfg.train.micro_batch_per_task
     for t in tasks:
         shapes = f"images ({per_task}, 3, {m.image_size}, {m.image_size})" + (

@@ -6,6 +6,7 @@ loss, conditioned on the input image's understanding features and a prompt drawn
 
 from __future__ import annotations
 
+import ast
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,9 @@ SEG_PROMPTS = (
     "Generate automatic masks for all objects.",
 )
 # The paper reuses RecA's long list, which it does not reproduce; this is our own short list.
-# `objective.prompt_file` (one prompt per line) replaces it.
+# `objective.prompt_file` replaces it: one prompt per line, or RecA's own consts.py as published
+# (HorizonWind2004/reconstruction-alignment, Harmon/src/datasets/text2image/consts.py), read by
+# ``load_prompt_file``.
 PIX_PROMPTS = (
     "Generate original image for the input image.",
     "Reconstruct this image.",
@@ -62,7 +65,9 @@ class ObjectiveConfig:
     weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})  # λ, all 1 in the paper
     # Official code: reconstruction prompt dropped (unconditional) with p=0.1; depth / seg never.
     uncond_prob: dict[str, float] = field(default_factory=lambda: {PIX: 0.1, DEPTH: 0.0, SEG: 0.0})
-    prompt_file: str = ""   # replaces the reconstruction prompts (one per line)
+    # replaces the reconstruction prompts: a text file (one per line) or a Python file holding a string
+    # list (RecA's consts.py; ``PATH::NAME`` picks one of several lists); see ``load_prompt_file``
+    prompt_file: str = ""
     # "round_robin": each micro-step is one task's batch, an optimizer step covers every task
     # (the official code). "joint": every micro-step holds all tasks (Show-o, one forward per backward).
     schedule: str = "round_robin"
@@ -78,15 +83,83 @@ class ObjectiveConfig:
         missing = [t for t in self.tasks if t not in self.weights]
         if missing:
             raise ValueError(f"objective.weights has no λ for {missing}")
-        if self.prompt_file and not Path(self.prompt_file).is_file():
-            raise FileNotFoundError(f"objective.prompt_file={self.prompt_file}: no such file "
-                                    "(give a text file with one reconstruction prompt per line)")
+        if self.prompt_file:
+            path = _split_prompt_file(self.prompt_file)[0]
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"objective.prompt_file={self.prompt_file}: no such file {path} (give a "
+                                        "text file with one reconstruction prompt per line, or RecA's consts.py)")
+            load_prompt_file(self.prompt_file)   # a file without prompts fails here (--dry-run), not in a rank
 
 
-def load_prompt_file(path: str) -> tuple[str, ...]:
-    prompts = tuple(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
+def _split_prompt_file(spec: str) -> tuple[str, str | None]:
+    path, sep, name = spec.partition("::")
+    return path, (name or None) if sep else None
+
+
+def _string_list(node: ast.AST | None) -> tuple[str, ...] | None:
+    """The strings of a list / tuple literal made only of string constants, else None."""
+    if isinstance(node, (ast.List, ast.Tuple)) and node.elts and all(
+            isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+        return tuple(e.value for e in node.elts)
+    return None
+
+
+def python_string_lists(path: str | Path) -> dict[str, tuple[str, ...]]:
+    """Module-level string lists of a Python file, by name, found by parsing it (never executed):
+    ``NAME = [...]`` (also annotated / tuple) and ``def NAME(): return [...]`` (the form of RecA's
+    ``get_recon_prompt_list``)."""
+    source = Path(path).read_text(encoding="utf-8")
+    try:
+        tree = ast.parse(source, filename=str(path))
+    except SyntaxError as e:
+        raise ValueError(f"objective.prompt_file={path}: not valid Python (line {e.lineno}: {e.msg}); give "
+                         "RecA's consts.py as published or a text file with one prompt per line") from None
+    found: dict[str, tuple[str, ...]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            values = _string_list(node.value)
+            for target in node.targets:
+                if values and isinstance(target, ast.Name):
+                    found[target.id] = values
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if (values := _string_list(node.value)):
+                found[node.target.id] = values
+        elif isinstance(node, ast.FunctionDef):
+            returns = [n for n in node.body if isinstance(n, ast.Return)]
+            if len(returns) == 1 and (values := _string_list(returns[0].value)):
+                found[node.name] = values
+    return found
+
+
+def load_prompt_file(spec: str) -> tuple[str, ...]:
+    """Reconstruction prompts from ``objective.prompt_file``.
+
+    A ``.py`` file (or ``PATH::NAME``) is parsed with ``ast``, never imported: RecA's ``consts.py`` as
+    published (``def get_recon_prompt_list(): return [...]``) or any module-level ``NAME = [...]``. With
+    several string lists the one whose name mentions "recon" is taken; ``PATH::NAME`` picks explicitly.
+    Any other file: one prompt per line, blank lines skipped."""
+    path, name = _split_prompt_file(spec)
+    if name is None and Path(path).suffix != ".py":
+        prompts = tuple(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+        if not prompts:
+            raise ValueError(f"objective.prompt_file={path}: no prompts (expected one reconstruction prompt per line)")
+        return prompts
+    lists = python_string_lists(path)
+    if not lists:
+        raise ValueError(f"objective.prompt_file={spec}: {path} holds no list of strings (expected NAME = [\"...\", "
+                         "...] or def NAME(): return [...], as RecA's consts.py; or use a text file, one prompt per line)")
+    if name is None:
+        picks = [n for n in lists if "recon" in n.lower()] if len(lists) > 1 else list(lists)
+        if len(picks) != 1:
+            raise ValueError(f"objective.prompt_file={spec}: {path} holds several string lists ({', '.join(lists)}); "
+                             f"pick one with objective.prompt_file={path}::NAME")
+        name = picks[0]
+    if name not in lists:
+        raise ValueError(f"objective.prompt_file={spec}: {path} has no string list named {name!r} "
+                         f"(it has: {', '.join(lists)})")
+    prompts = tuple(p.strip() for p in lists[name] if p.strip())
     if not prompts:
-        raise ValueError(f"{path}: no prompts (expected one reconstruction prompt per line)")
+        raise ValueError(f"objective.prompt_file={spec}: the list {name} in {path} holds only empty strings")
     return prompts
 
 

@@ -205,7 +205,8 @@ class Trainer:
         group_rank, group_size = self.plan.rank_in_group(self.rank), self.plan.group_size
         self.loaders = TaskLoaders(cfg.data, self.my_tasks, self.plan.micro_per_task,
                                    cfg.model.image_size, group_rank, group_size, cfg.train.seed,
-                                   target_size=cfg.model.target_size)
+                                   target_size=cfg.model.target_size,
+                                   transforms=type(model).image_transforms(cfg.model))   # the release's
         self.streams = TaskStreams(cfg.train.seed, group_rank, self.objective)
         self.trainable = [p for p in self.engine.module.parameters() if p.requires_grad]
         if self.loaders.text_ratio > 0:

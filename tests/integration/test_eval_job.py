@@ -37,7 +37,7 @@ def run_both(run_dir: Path, suite: str, *argv: str) -> dict:
     for n in (1, 2):
         res = submit("--suite", suite, "--run-dir", str(run_dir), "--cpu-ranks-per-node", str(n), *argv,
                      "--out", str(run_dir / f"ws{n}"))
-        assert f"| metric | value |" in res.stdout and f"({n} rank(s)" in res.stdout
+        assert "| metric | value |" in res.stdout and f"({n} rank(s)" in res.stdout
     for name in (f"{suite}.json", f"{suite}.answers.jsonl", f"{suite}.md"):
         assert (run_dir / "ws1" / name).read_bytes() == (run_dir / "ws2" / name).read_bytes(), name
     return json.loads((run_dir / "ws1" / f"{suite}.json").read_text())

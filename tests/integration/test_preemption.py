@@ -9,7 +9,6 @@ Ctrl-C launch/submit.py and check, by process listing, that no rank or worker su
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

@@ -9,8 +9,6 @@ The requeued job must end with weights bit-identical to an uninterrupted `--clus
 from __future__ import annotations
 
 import re
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch

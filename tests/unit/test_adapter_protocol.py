@@ -137,6 +137,32 @@ def test_official_layout_round_trip_is_bit_identical(name, tmp_path):
         assert_same_tensors(files[k], again[k], f"{name} export {k}")
 
 
+def release_key_sets(name: str, model: UMMAdapter, tmp: Path) -> dict[str, set[str]]:
+    """Per exported component, the keys of the synthetic release file that the model's own official-layout
+    test writes from the official key lists (not from ``export_official``)."""
+    if name == "openuni":          # openuni_*_blip3o60k.pth: queries, connector, projector, SANA
+        from tests.unit.test_openuni_weights import write_official_folders
+        return {"openuni": set(torch.load(write_official_folders(model, tmp)["release"]))}
+    if name == "showo":            # show-o-w-clip-vit, magvitv2, the vision half of clip-vit-large-patch14-336
+        from tests.unit.test_showo_official import official_clip_folder, official_magvit_state, official_showo_state
+        clip = official_clip_folder(model.arch, tmp / "clip")
+        return {"showo": set(official_showo_state(model.arch)), "vq_model": set(official_magvit_state(model.arch)),
+                "vision_tower": {k for k in clip if k.startswith("vision_model.") and not k.endswith("position_ids")}}
+    if name == "harmon":           # harmon_1.5b.pth (both tied LLM keys)
+        from tests.unit.test_harmon_official import synthetic_harmon_pth
+        return {"harmon": set(synthetic_harmon_pth(model))}
+    pytest.skip(f"{name}: add its synthetic release key set to release_key_sets")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_exported_files_hold_exactly_the_release_keys(name, tmp_path):
+    a = build(name, seed=1)
+    release = release_key_sets(name, a, tmp_path / "release")
+    files = exported_state(a.export_official(tmp_path / "export"))
+    for part, keys in release.items():
+        assert set(files[part]) == keys, f"{name} {part}: differs in {sorted(set(files[part]) ^ keys)[:10]}"
+
+
 # ---- sampling and the CLIs -------------------------------------------------------------------------
 def images(n: int, size: int = 40) -> torch.Tensor:
     g = torch.Generator().manual_seed(3)

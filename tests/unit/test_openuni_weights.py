@@ -165,33 +165,61 @@ def test_wrong_architecture_is_refused(official, tmp_path):
 
 
 # ---- export --------------------------------------------------------------------------------------
-def test_export_round_trip_is_bit_identical(official, tmp_path):
+def test_export_is_the_release_layout_and_round_trips_bit_identically(official, tmp_path):
     source, f = official
     loaded = build(seed=1, internvl_path=str(f["orig"]), sana_path=str(f["sana"]), vae_path=str(f["vae"]))
     loaded.load_official(str(f["release"]))
     paths = loaded.export_official(tmp_path / "export")
+    assert set(paths) == {"openuni", "internvl_hf", "internvl_original"}
 
-    # (a) the OpenUni layout: same key names as the release file, InternVL in its original layout
-    exported = torch.load(paths["openuni"])
-    assert "lmm.vision_model.encoder.layers.0.attn.qkv.weight" in exported and "meta_queries" in exported
-    again = build(seed=2)
+    # (a) openuni.pth holds exactly the release file's keys (no lmm / vae copies), tensor for tensor
+    exported, release = torch.load(paths["openuni"]), torch.load(f["release"])
+    assert sorted(exported) == sorted(release)
+    assert all(torch.equal(exported[k], release[k]) for k in release)
+    # ...and loads as the official scripts load it: InternVL folder + DC-AE folder, then the file on top
+    again = build(seed=2, internvl_path=str(paths["internvl_original"]), vae_path=str(f["vae"]))
     report = again.load_official(str(paths["openuni"]))
     assert report.missing == [] and report.unexpected == []
     assert_same(again, source)
 
-    # (b) transformers save_pretrained folder: loads with the library alone, and back into the adapter
-    from transformers import InternVLForConditionalGeneration
-    hf, info = InternVLForConditionalGeneration.from_pretrained(str(paths["internvl_hf"]), output_loading_info=True)
+    # (b) internvl_hf/: self-contained, loaded by transformers' Auto classes from the folder alone
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    hf, info = AutoModelForImageTextToText.from_pretrained(str(paths["internvl_hf"]), output_loading_info=True)
+    assert type(hf).__name__ == "InternVLForConditionalGeneration"
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert_same(hf.state_dict(), source.lmm.state_dict())
-    third = build(seed=3, internvl_path=str(paths["internvl_hf"]), sana_path=str(f["sana"]), vae_path=str(f["vae"]))
-    third.load_official(str(f["release"]))
+    size = source.arch.vit_image_size
+    proc = AutoImageProcessor.from_pretrained(str(paths["internvl_hf"]))
+    assert (proc.size["height"], proc.size["width"]) == (size, size) and not proc.crop_to_patches
+    pixels = proc(images=torch.randint(0, 256, (3, 30, 50), dtype=torch.uint8), return_tensors="pt").pixel_values
+    assert pixels.shape == (1, 3, size, size)
+    tok = AutoTokenizer.from_pretrained(str(paths["internvl_hf"]))
+    assert tok.convert_tokens_to_ids("<IMG_CONTEXT>") == source.arch.internvl.image_token_id
+    third = build(seed=3, internvl_path=str(paths["internvl_hf"]), vae_path=str(f["vae"]))
+    third.load_official(str(paths["openuni"]))
     assert_same(third, source)
 
     # (c) original-layout folder next to the source's config/code files: tensors equal the source file's
     orig = paths["internvl_original"]
     assert (orig / "modeling_internvl_chat.py").is_file() and (orig / "config.json").is_file()
     assert_same(load_file(str(orig / "model.safetensors")), load_file(str(f["orig"] / "model.safetensors")))
+
+
+def test_internvl_processor_files_for_a_tokenizer_with_the_internvl_tokens(tmp_path):
+    """A tokenizer holding InternVL's image/video tokens (as InternVL3-2B-hf's does) also gets the
+    InternVLProcessor files: the tokenizer's extra special tokens and processor_config.json."""
+    from transformers import AutoTokenizer
+
+    from unimrg.models.openuni.weights import write_internvl_processor
+    from unimrg.models.tokenizer import build_byte_tokenizer
+    build_byte_tokenizer(["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]).save_pretrained(tmp_path)
+    written = write_internvl_processor(tmp_path, 448, 256, (0.5,) * 3, (0.5,) * 3)
+    assert written == ["preprocessor_config.json", "processor_config.json"]
+    assert json.loads((tmp_path / "processor_config.json").read_text())["image_seq_length"] == 256
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))            # what InternVLProcessor.__init__ reads
+    assert tok.context_image_token == "<IMG_CONTEXT>" and tok.video_token == "<video>"
+    assert tok.start_image_token_id == tok.convert_tokens_to_ids("<img>")
+    assert write_internvl_processor(tmp_path, 448, 256, (0.5,) * 3, (0.5,) * 3) == []   # the folder's own stay
 
 
 def test_export_command_from_a_trained_state_dict(official, tmp_path):
@@ -201,6 +229,22 @@ def test_export_command_from_a_trained_state_dict(official, tmp_path):
     paths = export.main(["--model", "openuni", "--state-dict", str(tmp_path / "consolidated.pt"), "--out",
                          str(tmp_path / "out"), "model.size=tiny", f"model.internvl_path={f['hf']}"])
     assert set(paths) == {"openuni", "internvl_hf"}                   # HF source: no original-layout folder
-    back = build(seed=5)
+    back = build(seed=5, internvl_path=str(paths["internvl_hf"]), vae_path=str(f["vae"]))
     back.load_official(str(paths["openuni"]))
     assert_same(back, source)
+
+
+def test_tiny_l1024_keeps_sana15_qk_norms_through_load_and_sample(tmp_path):
+    source = build(seed=0, variant="l1024")
+    f = write_official_folders(source, tmp_path / "official")
+    norms = [k for k in torch.load(f["release"]) if ".norm_q." in k or ".norm_k." in k]
+    assert len(norms) == 4 * source.arch.sana["num_layers"]              # attn1 + attn2, q and k
+    model = build(seed=1, variant="openuni_l_internvl3_2b_sana_1_6b_1024_hf", internvl_path=str(f["orig"]),
+                  vae_path=str(f["vae"]))
+    report = model.load_official(str(f["release"]))
+    assert report.missing == [] and report.unexpected == []
+    assert_same(model, source)
+    images = torch.randint(0, 256, (1, 3, 40, 40), dtype=torch.uint8)
+    assert model.sample(images, ["depth"], num_steps=1).shape[-1] == model.arch.gen_image_size
+    with pytest.raises(ValueError, match="norm_q"):                       # an L-512 model has no place for them
+        build(seed=1, internvl_path=str(f["orig"]), vae_path=str(f["vae"])).load_official(str(f["release"]))

@@ -130,8 +130,50 @@ def test_sequence_layouts():
     # Empty prompt = Show-o's unconditional text (<bos><eos>); the image condition stays.
     assert g.ids[g.clip_start + nc:g.block[0]] == [model.eoi_id, eos, eos]
     assert g.ids[g.block[0]] == model.soi_id and g.ids[g.block[1] - 1] == model.eoi_id
-    assert g.preds == [g.block[0] + 1 + 3] and g.targets == [3 + model.image_offset]
+    # Scored (Show-o's loss_t2i labels from the first image token on): the masked code and <|eoi|>.
+    assert g.preds == [g.block[0] + 1 + 3, g.block[1] - 1]
+    assert g.targets == [3 + model.image_offset, model.eoi_id]
     assert g.ids[g.preds[0]] == model.mask_id and g.ids[g.preds[0] + 1] == 4 + model.image_offset
+
+
+def official_loss_t2i(model: Showo, batch: GenerationBatch, seed: int) -> torch.Tensor:
+    """Show-o's `loss_t2i`, rebuilt from its label layout (showlab/Show-o training/prompting_utils.py
+    `t2i_prompt`: labels = [text, <|soi|>, codes with the unmasked ones at -100, <|eoi|>];
+    models/modeling_showo.py: CE over logits / labels[:, max_seq_length + 1:], i.e. from the first image
+    token to <|eoi|>, mean over the non-ignored). Runs the model's own pieces for the logits of every
+    position, then labels them independently of the adapter's `preds` / `targets`."""
+    torch.manual_seed(seed)   # the same draws as the adapter's forward: image features, codes, masks
+    feats = model.image_features(batch.images)
+    codes = model.encode_targets(batch.targets)
+    masks = model._sample_masks(codes.shape[0], codes.device)
+    seqs = [model._generation_seq(batch.task, p, codes[i], masks[i]) for i, p in enumerate(batch.prompts)]
+    ids, clip, valid, block = model._pack(seqs)
+    logits = model.showo.lm_head(model._run_llm(ids, clip, valid, block, feats)).float()
+    all_logits, all_labels = [], []
+    for i, s in enumerate(seqs):
+        first, eoi = s.block[0] + 1, s.block[1] - 1           # first image token, <|eoi|>
+        labels = torch.where(masks[i], codes[i] + model.image_offset, -100).tolist() + [model.eoi_id]
+        assert ids[i, eoi] == model.eoi_id and len(labels) == eoi + 1 - first
+        all_logits.append(logits[i, first:eoi + 1])
+        all_labels.append(torch.tensor(labels))
+    return torch.nn.functional.cross_entropy(torch.cat(all_logits), torch.cat(all_labels), ignore_index=-100)
+
+
+def test_generation_loss_is_shows_official_loss_t2i():
+    model = tiny()
+    model.apply_freezing()
+    batch = gen_batch(PIX, n=3, prompts=["Reconstruct this image.", "", "Copy it."])
+    torch.manual_seed(5)
+    ours = model([batch])[PIX]
+    want = official_loss_t2i(model, batch, seed=5)
+    assert torch.allclose(ours, want, rtol=1e-5, atol=1e-6), (ours, want)
+    # Scoring the masked codes alone (the earlier behaviour) is a different number.
+    torch.manual_seed(5)
+    codes = model.encode_targets(batch.targets)
+    masks = model._sample_masks(codes.shape[0], codes.device)
+    scored = int(masks.sum()) + len(batch)
+    assert sum(len(model._generation_seq(PIX, p, codes[i], masks[i]).preds)
+               for i, p in enumerate(batch.prompts)) == scored
 
 
 def test_bad_inputs_name_the_sample():

@@ -169,6 +169,23 @@ def test_export_round_trip_is_bit_identical(official, tmp_path):
     assert magvit.keys() == official["magvit"].keys()
     assert all(torch.equal(magvit[k], official["magvit"][k]) for k in magvit)
     assert all(torch.equal(clip[k], official["clip"][k]) for k in clip) and len(clip) > 10
+    # The folders load as Show-o's code loads them (transformers / diffusers classes, the folder alone).
+    from diffusers.configuration_utils import ConfigMixin
+    from transformers import AutoImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    tower, info = CLIPVisionModel.from_pretrained(str(paths["vision_tower"].parent), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert all(torch.equal(v, official["clip"]["vision_model." + k]) for k, v in tower.state_dict().items()
+               if not k.endswith("position_ids"))
+    assert CLIPVisionConfig.from_pretrained(str(paths["vision_tower"].parent)).image_size == model.arch.clip.image_size
+    proc = AutoImageProcessor.from_pretrained(str(paths["vision_tower"].parent))
+    side = model.arch.clip.image_size
+    assert proc(images=torch.randint(0, 256, (3, 20, 40), dtype=torch.uint8), return_tensors="pt"
+                ).pixel_values.shape == (1, 3, side, side)
+
+    class ShowoModelConfig(ConfigMixin):       # what Show-o's ModelMixin reads (`models/modeling_utils.py`)
+        config_name = "config.json"
+    assert ShowoModelConfig.load_config(str(paths["vq_model"].parent))["_class_name"] == "MAGVITv2"
+    assert ShowoModelConfig.load_config(str(paths["showo"].parent))["_class_name"] == "Showo"
     # ...and load back into a differently initialised model exactly.
     again = tiny(seed=9, magvit_checkpoint=str(paths["vq_model"].parent),
                  clip_checkpoint=str(paths["vision_tower"].parent))

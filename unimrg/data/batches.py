@@ -1,9 +1,10 @@
 """Typed batches: what a loader yields for one task, and what a model adapter consumes.
 
 Images travel as uint8 at the loader's ``image_size``, generation targets at its ``target_size``
-(by default the model's native sizes, e.g. OpenUni's InternViT 448 and SANA 512); each adapter still
-resizes (a no-op at the native sizes) and normalises for its own encoders. Generation
-targets are float in [0, 1] because depth maps are stored at 16 bits and must not be rounded to 8.
+(by default the model's native sizes, e.g. OpenUni's InternViT 448 and SANA 512, through its released
+transforms: unimrg/data/transforms.py); each adapter still resizes (a no-op at the native sizes) and
+normalises for its own encoders. Generation targets are float in [0, 1] because depth maps are stored at
+16 bits and must not be rounded to 8.
 """
 
 from __future__ import annotations

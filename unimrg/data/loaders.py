@@ -10,6 +10,9 @@ decodes every part itself, because the default decoder turns a 16-bit depth PNG 
 
 Parts per task: und ``jpg|jpeg|png`` + ``json`` (a LLaVA record, see unimrg.data.llava); pix the
 image; depth the image + ``depth.png`` (16-bit or 8-bit grey); seg the image + ``seg.png`` (boundary map).
+Images and targets reach the model's sizes through its released transforms (``transforms``, from
+``UMMAdapter.image_transforms``; unimrg/data/transforms.py): und images by the understanding one, a
+generation task's condition image and targets by theirs, the maps through their picture's geometry.
 
 Text-only conversations. ``ROOT/und_text`` (``<key>.json`` only: the text-only LLaVA records the
 ingestion sets apart, e.g. the ~40K ShareGPT turns of Mix-665K) is blended into the und stream
@@ -68,6 +71,7 @@ from megatron.energon.metadataset.loader_interface import DatasetBlendMode
 from unimrg.data import images
 from unimrg.data.batches import GenerationBatch, UnderstandingBatch
 from unimrg.data.llava import LlavaFormatError, parse_record_bytes
+from unimrg.data.transforms import STRETCH, STRETCH_ALL, Fit, ImageTransforms, uint8_resize
 from unimrg.signals import data_worker_init
 from unimrg.tasks import DEPTH, PIX, SEG, TASKS, UND
 
@@ -236,24 +240,22 @@ def _open_image(data: bytes) -> Image.Image:
     return images.open_image(data)  # fully decoded: a truncated file fails here, not later in a resize
 
 
-def decode_rgb(data: bytes, size: int) -> torch.Tensor:
+def decode_rgb(data: bytes, size: int, fit: Fit = STRETCH) -> torch.Tensor:
     """Image bytes -> (3, size, size) uint8 through the shared decoder (unimrg.data.images: 16-bit,
-    CMYK, alpha, EXIF orientation exactly as the target job saw the image). Squashed to a square with
-    bicubic resampling (each model adapter re-resizes for its own encoders; the loader only fixes one
-    batchable size)."""
-    img = images.decode_rgb(data)
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
+    CMYK, alpha, EXIF orientation exactly as the target job saw the image), brought to the square by
+    ``fit`` (the model's released transform, unimrg.data.transforms; default: stretched, bicubic)."""
+    img = fit.rgb(images.decode_rgb(data), size)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
-def decode_depth(data: bytes, size: int) -> torch.Tensor:
+def decode_depth(data: bytes, size: int, fit: Fit = STRETCH) -> torch.Tensor:
     """Depth PNG (16-bit or 8-bit grey) -> (1, size, size) float32 in [0, 1].
 
     Resized as a float map with bilinear filtering: it is how the paper brings Depth Anything's
     prediction back to the image size (Appendix B.2), and bilinear weights are non-negative, so the
     result stays in [0, 1] with no ringing (bicubic overshoots); nearest would make steps of the
-    smooth floor and wall gradients."""
+    smooth floor and wall gradients. ``fit``: the same geometry as the picture's (pad / crop), so the map
+    stays aligned with it."""
     img = _open_image(data)
     a = np.asarray(img)
     if a.ndim == 3:
@@ -265,20 +267,47 @@ def decode_depth(data: bytes, size: int) -> torch.Tensor:
     else:
         raise DataDecodeError(f"depth map has unsupported mode {img.mode} / dtype {a.dtype}; "
                               f"expected an 8- or 16-bit grey PNG")
-    if d.shape != (size, size):
-        d = np.asarray(Image.fromarray(d, mode="F").resize((size, size), Image.BILINEAR))
+    d = fit.depth(d, size)
     return torch.from_numpy(np.clip(d, 0.0, 1.0).astype(np.float32))[None]
 
 
-def decode_boundary(data: bytes, size: int) -> torch.Tensor:
+def decode_boundary(data: bytes, size: int, fit: Fit = STRETCH) -> torch.Tensor:
     """Boundary PNG (grey or RGB, white on black) -> (1, size, size) float32 in {0, 1}.
     Resized with ``images.resize_boundary`` (max over each output pixel's source pixels): binary like
-    NEAREST, but no outline is lost at small training resolutions (NEAREST keeps ~19 % at 56 px)."""
+    NEAREST, but no outline is lost at small training resolutions (NEAREST keeps ~19 % at 56 px);
+    ``fit``'s pad / crop geometry as the picture's."""
     img = _open_image(data).convert("L")
-    b = np.asarray(img) >= 128
-    if b.shape != (size, size):
-        b = images.resize_boundary(b, (size, size))
+    b = fit.boundary(np.asarray(img) >= 128, size)
     return torch.from_numpy(b.astype(np.float32))[None]
+
+
+def decode_task_parts(task: str, parts: dict, img_part: str, image_size: int, target_size: int,
+                      t: ImageTransforms = STRETCH_ALL) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One sample's (input image, target) through the model's released transforms ``t``: und images by
+    ``t.understanding``; a generation task's targets by ``t.target`` (depth / seg maps through the same
+    geometry as the pix picture, so they stay aligned with the condition image) and its condition image
+    by ``t.condition`` (or, when None, the target-size picture resized by ``t.condition_resize``)."""
+    if task == UND:
+        return decode_rgb(parts[img_part], image_size, t.understanding), None
+    target = None
+    if task in TARGET_PART:
+        name = TARGET_PART[task]
+        if name not in parts:
+            raise DataDecodeError(f"no {name!r} part among {sorted(parts)}")
+        decode = decode_depth if task == DEPTH else decode_boundary
+        target = decode(parts[name], target_size, t.target)
+    picture = None
+    if task == PIX or t.condition is None:   # the target-side picture, from the source bytes (never upsampled)
+        picture = decode_rgb(parts[img_part], target_size, t.target)
+        if task == PIX:
+            target = picture.float() / 255.0
+    if t.condition is None:
+        image = uint8_resize(picture, image_size, t.condition_resize)
+    elif picture is not None and t.condition == t.target and image_size == target_size:
+        image = picture                      # one decode serves both
+    else:
+        image = decode_rgb(parts[img_part], image_size, t.condition)
+    return image, target
 
 
 class TaskEncoder(DefaultTaskEncoder[RawSample, EncodedSample, RawTaskBatch, RawTaskBatch]):
@@ -290,12 +319,14 @@ class TaskEncoder(DefaultTaskEncoder[RawSample, EncodedSample, RawTaskBatch, Raw
 
     cookers = [Cooker(cook_raw)]
 
-    def __init__(self, task: str, image_size: int, max_consecutive_failures: int, target_size: int | None = None):
+    def __init__(self, task: str, image_size: int, max_consecutive_failures: int, target_size: int | None = None,
+                 transforms: ImageTransforms = STRETCH_ALL):
         super().__init__()
         self.decoder = None  # raw bytes reach cook_raw; see the module docstring
         self.task = task
         self.image_size = image_size
         self.target_size = target_size or image_size
+        self.transforms = transforms
         self.max_consecutive_failures = max_consecutive_failures
         self._skipped: list[tuple[str, str, str]] = []
         self._failure_run = 0
@@ -318,17 +349,8 @@ class TaskEncoder(DefaultTaskEncoder[RawSample, EncodedSample, RawTaskBatch, Raw
             conversation = rec.conversations
         if img_part is None:
             raise DataDecodeError(f"no image part ({'/'.join(IMAGE_PARTS)}) among {sorted(parts)}")
-        image = decode_rgb(parts[img_part], self.image_size)
-        if self.task in TARGET_PART:
-            name = TARGET_PART[self.task]
-            if name not in parts:
-                raise DataDecodeError(f"no {name!r} part among {sorted(parts)}")
-            decode = decode_depth if self.task == DEPTH else decode_boundary
-            target = decode(parts[name], self.target_size)
-        elif self.task == PIX:
-            # Decoded again at the generation side from the source bytes (never an upsampled input image).
-            pix = image if self.target_size == self.image_size else decode_rgb(parts[img_part], self.target_size)
-            target = pix.float() / 255.0
+        image, target = decode_task_parts(self.task, parts, img_part, self.image_size, self.target_size,
+                                          self.transforms)
         return EncodedSample.derive_from(s, image=image, target=target, conversation=conversation)
 
     @stateless
@@ -373,9 +395,11 @@ class TaskLoaders:
     """One Energon savable loader per task: every micro-batch of task t has exactly micro_batch samples."""
 
     def __init__(self, cfg: DataConfig, tasks: Sequence[str], micro_batch: int, image_size: int,
-                 rank: int, world_size: int, seed: int, target_size: int | None = None):
+                 rank: int, world_size: int, seed: int, target_size: int | None = None,
+                 transforms: ImageTransforms = STRETCH_ALL):
         """Args: rank / world_size are the *data-parallel* ones; seed offsets the shuffling; images come
-        at ``image_size``, generation targets at ``target_size`` (default ``image_size``)."""
+        at ``image_size``, generation targets at ``target_size`` (default ``image_size``), both through
+        ``transforms`` (the model's released ones: ``UMMAdapter.image_transforms``)."""
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         if not 0 <= rank < world_size:
@@ -384,6 +408,7 @@ class TaskLoaders:
         self.cfg, self.tasks = cfg, tuple(tasks)
         self.micro_batch, self.image_size = micro_batch, image_size
         self.target_size = target_size or image_size
+        self.transforms = transforms
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self._skipped = {t: 0 for t in self.tasks}
         self.text_ratio = self._resolve_text_ratio()   # expected share of text-only und samples
@@ -396,7 +421,8 @@ class TaskLoaders:
         wc = WorkerConfig(rank=self.rank, world_size=self.world_size, num_workers=self.cfg.num_workers,
                           seed_offset=self.seed * len(TASKS) + TASKS.index(task),
                           global_error_handler=reraise_exception)
-        encoder = TaskEncoder(task, self.image_size, self.cfg.max_consecutive_failures, self.target_size)
+        encoder = TaskEncoder(task, self.image_size, self.cfg.max_consecutive_failures, self.target_size,
+                              self.transforms)
         common = dict(worker_config=wc, batch_size=self.micro_batch, shuffle_buffer_size=self.cfg.shuffle_buffer_size)
         if task == UND and self.text_ratio > 0:
             loader = get_savable_loader(self._und_blend(encoder, common))

@@ -1,9 +1,11 @@
 """python -m unimrg.eval.export --model openuni --state-dict RUN/final/model.pt --out DIR [model.key=value ...]
 
 Export trained weights for the tools people already use: the adapter's ``export_official(DIR)`` (for
-OpenUni: ``openuni.pth`` in the release layout, ``internvl_hf/`` as a transformers ``save_pretrained``
-folder, and ``internvl_original/`` when ``model.internvl_path`` is an original-layout folder; Harmon:
-``harmon_1.5b.pth``; Show-o: ``showo/``, ``magvitv2/``, ``clip-vit/``).
+OpenUni: ``openuni.pth`` with exactly the release file's keys -- queries, connector, projector, SANA --,
+``internvl_hf/`` as a self-contained transformers folder (tokenizer, image processor), and
+``internvl_original/`` when ``model.internvl_path`` is an original-layout folder; ``model.variant`` picks
+B-512 / L-512 / L-1024; Harmon: ``harmon_1.5b.pth``; Show-o: ``showo/``, ``magvitv2/``, ``clip-vit/``, each
+with its config).
 
 ``--state-dict`` holds the adapter's own keys: the trainer's consolidated ``RUN/final/model.pt`` (or
 ``RUN/export/stageN/model.pt``), or any state dict saved with ``torch.save`` (a ``module.`` prefix is

@@ -168,6 +168,9 @@ class Worker:
     def __init__(self, args, cfg, model, device: str):
         self.args, self.cfg, self.model, self.device = args, cfg, model, device
         self.size = cfg.model.image_size
+        # Questions see the model's released understanding transform (as in training); generation inputs
+        # stay whole-image squares, so a generated map covers the same view as its full-image target.
+        self.und_fit = type(model).image_transforms(cfg.model).understanding
         self.makers: dict[str, object] = {}
 
     def maker(self, task: str):
@@ -190,6 +193,8 @@ class Worker:
         if isinstance(u.image, torch.Tensor):
             return u.image, None
         pil = B.open_image(u.image, u.where)
+        if u.prompt is not None:
+            return torch.from_numpy(np.asarray(self.und_fit.rgb(pil, self.size)).copy()).permute(2, 0, 1), pil
         return to_uint8(pil, self.size), pil
 
     def run_batch(self, units: list[Unit], seed: int) -> dict[str, dict]:

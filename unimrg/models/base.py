@@ -7,7 +7,8 @@ one subclass and one line in ``unimrg/models/registry.py``.
 Besides the losses every adapter implements ``load_official(path) -> LoadReport`` (the released files,
 checked: a full-size load that leaves parameters unloaded is an error naming the keys and the field that
 provides them), ``export_official(dir) -> dict[str, Path]`` (the released layouts) and
-``sample(images, prompts, seed=...)`` (generation, the same output for the same seed);
+``sample(images, prompts, seed=...)`` (generation, the same output for the same seed) and
+``image_transforms(cfg)`` (its released image preprocessing, applied by the loaders);
 ``tests/unit/test_adapter_protocol.py`` checks all of it for every registered model.
 """
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from unimrg.data.batches import GenerationBatch, TaskBatch, UnderstandingBatch
+from unimrg.data.transforms import STRETCH_ALL, ImageTransforms
 from unimrg.models.official_io import LoadReport, check_report
 
 
@@ -40,6 +42,10 @@ class ModelConfig:
     target_size: int = 0               # generation targets (pix / depth / seg), float
     # A full-size run whose sizes differ from the native ones is refused unless this is true.
     non_native_resolution: bool = False
+    # How the loaders bring images and targets to those sizes: "release" = the adapter's released
+    # transforms (``UMMAdapter.image_transforms``: pad / crop / filters as the official code), "stretch" =
+    # every image and target stretched to a square (bicubic; this project's earlier behaviour).
+    preprocessing: str = "release"
     # Paper-shape smoke runs only (tests/integration/test_paper_shapes.py): the full architecture's
     # resolutions, token counts, vocabulary and latent grids with 1-2 layers per stack and narrow widths.
     smoke: bool = False
@@ -106,6 +112,23 @@ class UMMAdapter(nn.Module, abc.ABC):
         """The sizes a run uses: ``cfg.image_size`` / ``cfg.target_size``, or the native ones where 0."""
         native = cls.native_resolution(cfg)
         return Resolution(cfg.image_size or native.image, cfg.target_size or native.target)
+
+    #: the released image transforms, built from unimrg/data/transforms.py (numpy / PIL / torch only, so
+    #: the loaders and their workers use them without transformers / diffusers); every adapter declares
+    #: its own, citing the official code (tests/unit/test_adapter_protocol.py checks that each does)
+    release_transforms: ImageTransforms | None = None
+
+    @classmethod
+    def image_transforms(cls, cfg: ModelConfig) -> ImageTransforms:
+        """What the loaders apply to understanding images, generation conditions and targets
+        (``model.preprocessing``: "release" = :attr:`release_transforms`, "stretch" = squares stretched;
+        an adapter that declares none gets the stretch)."""
+        if cfg.preprocessing not in ("release", "stretch"):
+            raise ValueError(f"model.preprocessing={cfg.preprocessing!r}: choose 'release' (the released "
+                             "model's image transforms) or 'stretch' (every image stretched to a square)")
+        if cfg.preprocessing == "stretch" or cls.release_transforms is None:
+            return STRETCH_ALL
+        return cls.release_transforms
 
     @classmethod
     def sequence_plan(cls, cfg: ModelConfig, task: str) -> dict[str, int]:

@@ -31,6 +31,7 @@ from transformers import (JanusConfig, JanusForConditionalGeneration, JanusVisio
 
 from unimrg.data.batches import GenerationBatch, UnderstandingBatch
 from unimrg.data.llava import dialogue_turns
+from unimrg.data.transforms import Fit, ImageTransforms, resize_tensor
 from unimrg.models.base import ModelConfig, Resolution, UMMAdapter
 from unimrg.models.official_io import LoadReport, load_checked, read_state_dict
 
@@ -162,6 +163,18 @@ class Janus(UMMAdapter):
         config = build_arch(cfg)   # shapes only
         return Resolution(config.vision_config.image_size, _resolution(config))
 
+    # Released preprocessing. SigLIP input (understanding, and the generation condition, which goes through the
+    # same SigLIP): longer side to 384 (bicubic), centred grey-127 padding, shorter side at least 14 px --
+    # deepseek-ai/Janus `janus/models/image_processing_vlm.py` (VLMImageProcessor: resize + expand2square with
+    # background_color = mean · 255, min_size 14), transformers' JanusImageProcessor alike. VQ targets: Janus'
+    # generation training code is not released; its VQ-16 is LlamaGen's, whose `center_crop_arr` resizes the
+    # shorter side (bicubic) and crops the centre (offset (d) // 2).
+    release_transforms = ImageTransforms(
+        understanding=Fit("long_side_pad", fill=BACKGROUND, min_side=14),
+        condition=Fit("long_side_pad", fill=BACKGROUND, min_side=14),
+        target=Fit("short_side_crop", offset="floor"),
+        source="Janus VLMImageProcessor resize + expand2square (grey 127); LlamaGen center_crop_arr for VQ targets")
+
     @classmethod
     def sequence_plan(cls, cfg: JanusModelConfig, task: str) -> dict[str, int]:
         config = build_arch(cfg)   # shapes only
@@ -241,7 +254,9 @@ class Janus(UMMAdapter):
 
     def transform_images(self, images: torch.Tensor) -> torch.Tensor:
         """Janus' VLMImageProcessor: resize the longer side to SigLIP's size (bicubic), pad the shorter one
-        to a centred square with grey 127, normalise with mean 0.5 / std 0.5. uint8 → float (B, 3, S, S)."""
+        to a centred square with grey 127, normalise with mean 0.5 / std 0.5. uint8 → float (B, 3, S, S).
+        Loader images arrive already fitted (``release_transforms``), so only the normalisation (and a resize
+        when model.image_size is not SigLIP's) applies; this geometry serves inputs from elsewhere."""
         if images.dtype != torch.uint8:
             raise TypeError(f"Janus expects uint8 images (B, 3, H, W), got {images.dtype}")
         size = self.config.vision_config.image_size
@@ -249,7 +264,7 @@ class Janus(UMMAdapter):
         h, w = x.shape[-2:]
         if (h, w) != (size, size):
             s = size / max(h, w)
-            nh, nw = max(round(h * s), 1), max(round(w * s), 1)
+            nh, nw = max(round(h * s), min(14, size)), max(round(w * s), min(14, size))   # min_size 14
             x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
             top, left = (size - nh) // 2, (size - nw) // 2
             x = F.pad(x, (left, size - nw - left, top, size - nh - top), value=BACKGROUND / 255.0)
@@ -261,9 +276,7 @@ class Janus(UMMAdapter):
         same way): nearest code by cosine similarity. Frozen, no graph."""
         device, dtype = self._device_dtype()
         size = _resolution(self.config)
-        x = targets.to(device=device, dtype=torch.float32)
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        x = resize_tensor(targets.to(device=device, dtype=torch.float32), size)
         vq = self.janus.model.vqmodel
         with torch.no_grad():
             z = vq.quant_conv(vq.encoder((x * 2 - 1).to(dtype)))             # (B, 8, g, g)

@@ -50,6 +50,7 @@ from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 
 from unimrg.data.batches import GenerationBatch, UnderstandingBatch
 from unimrg.data.llava import dialogue_turns
+from unimrg.data.transforms import STRETCH, Fit, ImageTransforms, resize_tensor
 from unimrg.models.base import ModelConfig, Resolution, UMMAdapter
 from unimrg.models.harmon.arch import ENDOFTEXT, IM_END, IM_START, TINY_SPECIAL_TOKENS, HarmonArch, arch_for, smoke
 from unimrg.models.harmon.mar import MAR
@@ -174,6 +175,19 @@ class Harmon(UMMAdapter):
         # hard-codes (512/16)² + 64 image tokens. Tiny: 64 (the tiny recipe's).
         side = 512 if cfg.size == "full" else 64
         return Resolution(side, side)
+
+    # Released preprocessing. Understanding: pad to a square with grey 127, then resize (bicubic) —
+    # RecA's Harmon `MARProcessor` (HorizonWind2004/reconstruction-alignment,
+    # Harmon/src/datasets/understanding/llava_datasets.py: expand2square (127, 127, 127), PIL resize to
+    # 512), as wusize/Harmon's CaptionDataset (src/datasets/understanding/caption_datasets.py:
+    # expand2square with the processor's mean 0.5 × 255). Generation (condition image and targets):
+    # stretched to a square — RecA's Text2ImageDataset._process_image with crop_image=False, the
+    # setting of UniMRG's Harmon config for the recon / depth / mask datasets (Sugewud/UniMRG
+    # Harmon/configs/datasets/qwen2_5_1_5b/UniMRG.py); it resizes to the longer side's square, then
+    # to 512, where we resize once.
+    release_transforms = ImageTransforms(
+        understanding=Fit("pad", fill=127), target=STRETCH, condition=STRETCH,
+        source="RecA / UniMRG Harmon: MARProcessor pad 127; crop_image=False stretch")
 
     @classmethod
     def resolve_resolution(cls, cfg: HarmonConfig) -> Resolution:
@@ -414,7 +428,7 @@ class Harmon(UMMAdapter):
         s = self.cfg.image_size
         if x.shape[-2:] != (s, s):
             # Loaders normally deliver image_size already; this keeps other sizes usable (e.g. sampling).
-            x = F.interpolate(x, size=(s, s), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+            x = resize_tensor(x, s, "bicubic")
         return x * 2 - 1
 
     def _device_dtype(self) -> tuple[torch.device, torch.dtype]:

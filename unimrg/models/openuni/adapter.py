@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderDC, SanaTransformer2DModel
 from torch import nn
 from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerBase
@@ -27,6 +26,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
 from unimrg.data.batches import GenerationBatch, UnderstandingBatch
 from unimrg.data.llava import dialogue_turns
+from unimrg.data.transforms import STRETCH, Fit, ImageTransforms, resize_tensor
 from unimrg.models.base import ModelConfig, Resolution, UMMAdapter
 from unimrg.models.official_io import LoadReport
 from unimrg.models.openuni.arch import (
@@ -39,11 +39,14 @@ TINY_SPECIAL_TOKENS = (IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, ENDOFT
 
 @dataclass
 class OpenUniConfig(ModelConfig):
-    """OpenUni-L-512 (InternVL3-2B + SANA-1600M-512px). Architecture numbers come from ``size``
-    (see ``unimrg/models/openuni/arch.py``); these fields are what a run may choose."""
+    """OpenUni (default OpenUni-L-512: InternVL3-2B + SANA-1600M-512px). Architecture numbers come from
+    ``variant`` and ``size`` (see ``unimrg/models/openuni/arch.py``); these fields are what a run may choose."""
 
     name: str = "openuni"
-    # Full size: local folder with the InternVL3-2B tokenizer (default: internvl_path).
+    # Released variant: b512 (InternVL3-1B + SANA-0.6B-512px), l512, l1024 (InternVL3-2B + SANA1.5-1.6B-1024px),
+    # or the official config names (openuni_b_internvl3_1b_sana_0_6b_512_hf, ...). Sets the native resolution.
+    variant: str = "l512"
+    # Full size: local folder with the InternVL3 tokenizer (1B and 2B share it; default: internvl_path).
     tokenizer: str | None = None
     # Official weights (local folders; `checkpoint` is the OpenUni release file, loaded last so it wins):
     internvl_path: str | None = None  # InternVL3-2B, original (vision_model/mlp1/language_model) or -hf layout
@@ -86,9 +89,10 @@ class OpenUni(UMMAdapter):
         self.tokenizer = build_tokenizer(cfg)
         tok = self.tokenizer
         if cfg.size == "tiny":
-            arch = arch_for("tiny", vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT))
+            arch = arch_for("tiny", vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT),
+                            variant=cfg.variant)
         else:
-            arch = arch_for(cfg.size)
+            arch = arch_for(cfg.size, variant=cfg.variant)
         if cfg.smoke:
             arch = smoke(arch)
         self.arch: OpenUniArch = arch
@@ -120,16 +124,28 @@ class OpenUni(UMMAdapter):
     @classmethod
     def native_resolution(cls, cfg: OpenUniConfig) -> Resolution:
         # Full: InternViT reads 448 px (wusize/OpenUni `src/models/openuni/internvl3_sana_hf.py`,
-        # `vit_input_size=448`); SANA-1600M-512px generates 512 px (`configs/datasets/internvl3_2b_512/
-        # processors.py`, `image_size = 512`). Tiny: the tiny arch's sizes.
-        arch = arch_for(cfg.size, vocab_size=1, image_token_id=0)
+        # `vit_input_size=448`); the variant's SANA generates 512 or 1024 px (`configs/datasets/
+        # internvl3_{1b_512,2b_512,2b_1024}/processors.py`, `image_size`). Tiny: the tiny arch's sizes.
+        arch = arch_for(cfg.size, vocab_size=1, image_token_id=0, variant=cfg.variant)
         return Resolution(arch.vit_image_size, arch.gen_image_size)
+
+    # Released preprocessing. Generation targets: the centred square of the shorter side, resized to 512
+    # (bicubic) — wusize/OpenUni src/datasets/image2image/edit_datasets.py ReconstructDataset:
+    # crop2square, then PIL resize; its crop offset is random (src/datasets/utils.py), we take the
+    # centre so that image, depth and seg crops agree and a resumed run sees the same pixels. Condition:
+    # that 512 picture resized to 448 bilinearly without antialias (src/models/openuni/
+    # internvl3_sana_hf.py get_semantic_features: F.interpolate(..., mode='bilinear')). Understanding:
+    # InternVL's own single-tile input — dynamic_preprocess with one tile resizes the whole image to
+    # 448×448 (PIL bicubic); UniMRG feeds one tile (256 tokens), OpenUni's release trains no understanding.
+    release_transforms = ImageTransforms(
+        understanding=STRETCH, target=Fit("crop", offset="floor"), condition=None, condition_resize="bilinear",
+        source="OpenUni: ReconstructDataset crop2square (centred) → 512; get_semantic_features bilinear → 448")
 
     @classmethod
     def sequence_plan(cls, cfg: OpenUniConfig, task: str) -> dict[str, int]:
         # The adapter brings any loader size to the encoders' own (InternViT, DC-AE): token counts are the arch's.
         from unimrg.models.openuni.arch import vae_downsample
-        arch = arch_for(cfg.size, vocab_size=1, image_token_id=0)
+        arch = arch_for(cfg.size, vocab_size=1, image_token_id=0, variant=cfg.variant)
         if task == "und":
             return {"image tokens": arch.image_seq_length, "sequence ≤": cfg.max_length}
         latent = (arch.gen_image_size // vae_downsample(arch.vae)) ** 2
@@ -188,7 +204,7 @@ class OpenUni(UMMAdapter):
         grad = self.cfg.generation_grad_to_projector and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad):
             feats = self.lmm.model.get_image_features(                      # (B, N, hidden)
-                pixel_values=self._vit_pixels(images, device, dtype)).pooler_output
+                pixel_values=self._vit_pixels(images, device, dtype, condition=True)).pooler_output
         ids, mask = self._generation_prompt_ids(prompts, n_image_tokens=feats.shape[1])
         ids, mask = ids.to(device), mask.to(device)
         embeds = self.lmm.get_input_embeddings()(ids)                       # (B, L, hidden)
@@ -210,7 +226,7 @@ class OpenUni(UMMAdapter):
     def encode_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """Float [0, 1] (B, 3, H, W) → scaled DC-AE latents (B, C, S/f, S/f) at the generation size."""
         device, dtype = self._device_dtype()
-        x = _resize(targets.to(device=device, dtype=torch.float32), self.arch.gen_image_size)
+        x = resize_tensor(targets.to(device=device, dtype=torch.float32), self.arch.gen_image_size)
         x = (x * 2 - 1).to(dtype)                                           # the VAE reads [-1, 1]
         with torch.no_grad():
             return self.vae.encode(x).latent * self.vae.config.scaling_factor
@@ -320,10 +336,13 @@ class OpenUni(UMMAdapter):
         return self.check_load(report, allow_missing, strict=True)
 
     def export_official(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write (a) ``openuni.pth``, the OpenUni release layout the official inference code loads, and (b)
-        ``internvl_hf/``, the understanding model as a transformers ``save_pretrained`` folder (+ tokenizer);
-        when ``cfg.internvl_path`` is an original-layout folder, also (c) ``internvl_original/``: that folder's
-        config/code/tokenizer files with the trained weights, for toolkits that load the remote-code model."""
+        """The release layout: (a) ``openuni.pth``, exactly the keys of the OpenUni release files (queries,
+        connector, projector, SANA: ``weights.RELEASE_PREFIXES``), for ``--checkpoint`` of the official scripts;
+        (b) ``internvl_hf/``, the trained InternVL3 as a self-contained transformers folder (config, weights,
+        tokenizer, image processor); when ``cfg.internvl_path`` is an original-layout folder, also (c)
+        ``internvl_original/``: that folder's config/code/tokenizer files with the trained weights, the folder
+        OpenUni's configs load the LMM from (``internvl3_model_name_or_path``). The frozen DC-AE is not copied:
+        it is the public dc-ae-f32c32-sana-1.1, unchanged (``model.vae_path`` loads it back)."""
         from unimrg.models.official_io import write_state_dict
         from unimrg.models.openuni import weights as W
         self._check_materialised("export_official")
@@ -335,10 +354,13 @@ class OpenUni(UMMAdapter):
         self.lmm.save_pretrained(hf)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(hf)
-        if self.cfg.internvl_path and W.internvl_layout(self.cfg.internvl_path) == "transformers":
+        layout = W.internvl_layout(self.cfg.internvl_path) if self.cfg.internvl_path else None
+        if layout == "transformers":
             W.copy_non_weight_files(self.cfg.internvl_path, hf, overwrite=False)  # processor / chat template
+        W.write_internvl_processor(hf, self.arch.vit_image_size, self.arch.image_seq_length, IMAGENET_MEAN,
+                                   IMAGENET_STD)
         paths["internvl_hf"] = hf
-        if self.cfg.internvl_path and W.internvl_layout(self.cfg.internvl_path) == "original":
+        if layout == "original":
             orig = out / "internvl_original"
             orig.mkdir(exist_ok=True)
             W.copy_non_weight_files(self.cfg.internvl_path, orig, overwrite=True)
@@ -396,11 +418,15 @@ class OpenUni(UMMAdapter):
         target = noise - latents
         return ((pred.float() - target.float()) ** 2).reshape(b, -1).mean(dim=1).mean()
 
-    def _vit_pixels(self, images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """uint8 (B, 3, H, W) → ImageNet-normalised (B, 3, S, S) at InternViT's input size."""
+    def _vit_pixels(self, images: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                    condition: bool = False) -> torch.Tensor:
+        """uint8 (B, 3, H, W) → ImageNet-normalised (B, 3, S, S) at InternViT's input size. Other sizes
+        (the loaders deliver S) are resized as the release does: a generation condition bilinearly without
+        antialias (OpenUni's get_semantic_features), an understanding image bicubic (InternVL's PIL resize)."""
         if images.dtype != torch.uint8:
             raise TypeError(f"OpenUni expects uint8 images (B, 3, H, W), got {images.dtype}")
-        x = _resize(images.to(device=device, dtype=torch.float32) / 255.0, self.arch.vit_image_size)
+        x = resize_tensor(images.to(device=device, dtype=torch.float32) / 255.0, self.arch.vit_image_size,
+                          *(("bilinear", False) if condition else ("bicubic", True)))
         mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         return ((x - mean) / std).to(dtype)
@@ -479,13 +505,6 @@ def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]
         out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, :len(s)] = True
     return out, mask
-
-
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Square resize of float images; bicubic + antialias like InternVL's PIL BICUBIC transform."""
-    if x.shape[-2:] == (size, size):
-        return x
-    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
 
 
 def _init_connector(connector: nn.Module) -> None:

@@ -8,8 +8,9 @@ Layouts handled (all local; nothing is downloaded):
   with transformers' own `from_pretrained`, which also remaps the legacy key layout it writes.
 - SANA and DC-AE diffusers folders (`transformer/`, `vae/` of a pipeline folder, or the component folder).
 - The OpenUni release checkpoint (wusize/OpenUni `scripts/deepspeed2torch.py`: a torch-saved state dict of
-  `OpenUniInternVL3SANAHF` with prefixes `lmm.` (original InternVL layout), `meta_queries`, `connector.`,
-  `projector.`, `transformer.`, `vae.`); the official model loads it with `load_state_dict(strict=False)`.
+  `OpenUniInternVL3SANAHF`); the official model loads it with `load_state_dict(strict=False)` on top of the
+  InternVL3 / SANA / DC-AE folders its config names. It holds only what OpenUni trained (see
+  :data:`RELEASE_PREFIXES`); files that also carry `lmm.` (original InternVL layout) load too.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ import torch
 from unimrg.models.official_io import read_state_dict
 
 LMM = "lmm."
+# Keys of the released `openuni_*_blip3o60k.pth` files: OpenUni's trainer (`scripts/train.py`) saves DeepSpeed
+# checkpoints with `exclude_frozen_parameters=True`, and the models freeze `lmm` (`freeze_lmm=True` in every
+# config) and `vae` (`requires_grad_(False)` in `internvl3_sana_hf.py`), while the fine-tuning configs
+# (`configs/finetune/*_blip3o60k.py`) set `freeze_transformer=False`. What remains: queries, connector, projector
+# and SANA (L-512: 1.83B parameters, 3.7 GB in bf16 -- the release file's size).
+RELEASE_PREFIXES = ("meta_queries", "connector.", "projector.", "transformer.")
 
 # ---- InternVL: original layout <-> transformers layout (keys relative to the InternVL model) ----------
 # Vision renames, applied in order to the part after `vision_model.` (transformers
@@ -168,7 +175,8 @@ def read_internvl(folder: str | Path) -> Source:
     model, info = InternVLForConditionalGeneration.from_pretrained(str(folder), output_loading_info=True)
     missing = sorted(info.get("missing_keys", ()))
     if info.get("mismatched_keys"):
-        raise ValueError(f"{what}: shape mismatches {sorted(info['mismatched_keys'])[:10]}; is it InternVL3-2B?")
+        raise ValueError(f"{what}: shape mismatches {sorted(info['mismatched_keys'])[:10]}; does model.variant match "
+                         "it (b512: InternVL3-1B; l512 / l1024: InternVL3-2B)?")
     state = {LMM + k: v for k, v in model.state_dict().items() if k not in missing}
     return Source(what, state, missing=[LMM + k for k in missing], unexpected=sorted(info.get("unexpected_keys", ())))
 
@@ -188,7 +196,9 @@ def read_diffusers(folder: str | Path, subfolder: str, expected: Mapping[str, An
     wrong = [f"{k}={cfg[k]!r} (expected {_plain(v)!r})" for k, v in expected.items()
              if k in cfg and _plain(cfg[k]) != _plain(v)]
     if wrong:
-        raise ValueError(f"{cfg_file}: not the architecture OpenUni uses: " + ", ".join(wrong))
+        raise ValueError(f"{cfg_file}: not the architecture of this OpenUni variant: " + ", ".join(wrong)
+                         + "; set model.variant to the release it belongs to (b512: Sana_600M_512px, l512: "
+                         "Sana_1600M_512px, l1024: SANA1.5_1.6B_1024px)")
     state = read_state_dict(p, what)
     return Source(what, {prefix + k: v for k, v in state.items()})
 
@@ -217,11 +227,48 @@ def read_openuni_checkpoint(path: str | Path) -> Source:
 
 
 def openuni_checkpoint_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Adapter state dict → the OpenUni release layout (InternVL back in its original layout)."""
-    lmm = {k[len(LMM):]: v for k, v in state.items() if k.startswith(LMM)}
-    out = {k: v for k, v in state.items() if not k.startswith(LMM)}
-    out.update({LMM + k: v for k, v in internvl_hf_to_original(lmm).items()})
-    return out
+    """Adapter state dict → exactly the keys of the OpenUni release file (:data:`RELEASE_PREFIXES`); the LMM
+    goes to InternVL folders beside it, the frozen DC-AE stays the public dc-ae-f32c32-sana-1.1."""
+    return {k: v for k, v in state.items() if k == "meta_queries" or k.startswith(RELEASE_PREFIXES[1:])}
+
+
+# The InternVL special tokens transformers' InternVLProcessor reads from the tokenizer (the
+# `extra_special_tokens` of OpenGVLab/InternVL3-2B-hf `tokenizer_config.json`).
+_PROCESSOR_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
+                     "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+
+
+def write_internvl_processor(folder: str | Path, image_size: int, image_seq_length: int, mean: Iterable[float],
+                             std: Iterable[float]) -> list[str]:
+    """Make a transformers InternVL folder self-contained: ``preprocessor_config.json`` (GotOcr2 image processor:
+    one ``image_size`` tile, ImageNet statistics, bicubic -- what the adapter feeds InternViT) unless the folder
+    has one, and, when its tokenizer holds InternVL's image/video tokens, their ``extra_special_tokens`` entries
+    and ``processor_config.json`` (InternVLProcessor, ``image_seq_length``). Returns the files written."""
+    from transformers.models.got_ocr2 import GotOcr2ImageProcessorPil
+    folder, written = Path(folder), []
+    if not (folder / "preprocessor_config.json").is_file():
+        GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=False,
+                                 image_mean=list(mean), image_std=list(std), resample=3).save_pretrained(folder)
+        written.append("preprocessor_config.json")
+    tok_cfg_file = folder / "tokenizer_config.json"
+    if not tok_cfg_file.is_file() or (folder / "processor_config.json").is_file():
+        return written
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    unk = tok.unk_token_id
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _PROCESSOR_TOKENS.values()}
+    if any(i is None or i == unk for i in ids.values()):
+        return written   # e.g. the tiny byte tokenizer (no <video>): no processor without its tokens
+    tok_cfg = json.loads(tok_cfg_file.read_text())
+    extra = tok_cfg.get("extra_special_tokens") or {}
+    if isinstance(extra, list):   # transformers 5 writes the plain special-token list here; keep it beside
+        tok_cfg.setdefault("additional_special_tokens", extra)
+        extra = {}
+    tok_cfg["extra_special_tokens"] = {**_PROCESSOR_TOKENS, **extra}
+    tok_cfg_file.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+    (folder / "processor_config.json").write_text(json.dumps(
+        {"image_seq_length": image_seq_length, "processor_class": "InternVLProcessor"}, indent=2) + "\n")
+    return written + ["processor_config.json"]
 
 
 # Files of an InternVL folder that are not weights (configs, tokenizer, remote code, processor).

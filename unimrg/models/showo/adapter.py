@@ -29,6 +29,7 @@ from transformers import CLIPVisionModel, PhiForCausalLM, PreTrainedTokenizerBas
 
 from unimrg.data.batches import GenerationBatch, TaskBatch, UnderstandingBatch
 from unimrg.data.llava import dialogue_turns
+from unimrg.data.transforms import Fit, ImageTransforms, resize_tensor
 from unimrg.models.base import ModelConfig, Resolution, UMMAdapter
 from unimrg.models.official_io import LoadReport, load_checked, read_state_dict, write_state_dict
 from unimrg.models.showo.arch import (
@@ -140,6 +141,16 @@ class Showo(UMMAdapter):
         arch = arch_for(cfg.size, cfg.codebook_size, 1)
         return Resolution(arch.clip.image_size, arch.magvit.resolution)
 
+    # Released preprocessing. CLIP input (understanding, and the generation condition, which goes through
+    # the same CLIP-ViT): shorter side to 336 (bicubic), centre crop 336 with transformers' floor offset
+    # — CLIPImageProcessor of openai/clip-vit-large-patch14-336 (shortest_edge 336, crop_size 336), used
+    # by showlab/Show-o llava/llava_instruct_data.py. MAGVIT targets: training/utils.py image_transform —
+    # torchvision Resize(256, BICUBIC) on the shorter side + CenterCrop(256) (offset round(d / 2)).
+    release_transforms = ImageTransforms(
+        understanding=Fit("short_side_crop", offset="floor"), condition=Fit("short_side_crop", offset="floor"),
+        target=Fit("short_side_crop", offset="round"),
+        source="Show-o: CLIPImageProcessor shortest_edge + center crop; image_transform Resize + CenterCrop")
+
     @classmethod
     def sequence_plan(cls, cfg: ShowoConfig, task: str) -> dict[str, int]:
         # The adapter brings any loader size to CLIP's and MAGVIT's own: token counts are the arch's.
@@ -167,8 +178,8 @@ class Showo(UMMAdapter):
         """All batches of a micro-step in one LLM pass; returns one loss per task.
 
         Understanding: next-token CE on the answer tokens. Generation: the target's MAGVIT-v2 codes are
-        masked with ratio cos(π/2·t), t ~ U(0, 1), and CE is taken on the masked positions over the whole
-        vocabulary (Show-o `mask_or_random_replace_tokens` + `Showo.forward`).
+        masked with ratio cos(π/2·t), t ~ U(0, 1), and CE is taken on the masked positions and the closing
+        <|eoi|> over the whole vocabulary (Show-o `mask_or_random_replace_tokens` + `Showo.forward`'s `loss_t2i`).
         """
         tasks = [b.task for b in batches]
         if len(set(tasks)) != len(tasks):
@@ -219,7 +230,7 @@ class Showo(UMMAdapter):
         device, dtype = self._device_dtype()
         if images.dtype != torch.uint8:
             raise TypeError(f"Show-o expects uint8 images (B, 3, H, W), got {images.dtype}")
-        x = _resize(images.to(device=device, dtype=torch.float32) / 255.0, self.arch.clip.image_size)
+        x = resize_tensor(images.to(device=device, dtype=torch.float32) / 255.0, self.arch.clip.image_size)
         mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
         with torch.no_grad():
@@ -230,7 +241,7 @@ class Showo(UMMAdapter):
     def encode_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """Float [0, 1] (B, 3, H, W) → MAGVIT-v2 codes (B, n_img) in [0, codebook_size)."""
         device, dtype = self._device_dtype()
-        x = _resize(targets.to(device=device, dtype=torch.float32), self.arch.magvit.resolution)
+        x = resize_tensor(targets.to(device=device, dtype=torch.float32), self.arch.magvit.resolution)
         return self.vq_model.encode((x * 2 - 1).to(dtype))                      # MAGVIT reads [-1, 1]
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
@@ -372,9 +383,12 @@ class Showo(UMMAdapter):
 
     def export_official(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None
                         ) -> dict[str, Path]:
-        """Write the released layouts: ``showo/pytorch_model.bin`` (+ config.json), ``magvitv2/pytorch_model.bin``
-        and ``clip-vit/model.safetensors`` (vision tower only). ``state_dict`` defaults to this model's
-        (pass the trainer's consolidated ``final/model.pt`` to export a ZeRO run)."""
+        """Write the released layouts, each folder loadable the way Show-o's code loads it (offline):
+        ``showo/`` (``pytorch_model.bin`` + ``config.json``: ``Showo.from_pretrained``), ``magvitv2/``
+        (``pytorch_model.bin`` + ``config.json``: ``MAGVITv2.from_pretrained``) and ``clip-vit/`` (vision tower
+        only: ``model.safetensors``, ``config.json`` and ``preprocessor_config.json`` for Show-o's
+        ``CLIPVisionModel`` / ``CLIPVisionConfig`` / ``CLIPImageProcessor.from_pretrained``, `models/clip_encoder.py`).
+        ``state_dict`` defaults to this model's (pass the trainer's consolidated ``final/model.pt``)."""
         sd = self.state_dict() if state_dict is None else state_dict
         out = Path(out_dir)
         showo = {k: v for k, v in sd.items() if k.startswith(("showo.", "mm_projector."))}
@@ -384,6 +398,10 @@ class Showo(UMMAdapter):
                  "vq_model": write_state_dict(magvit, out / "magvitv2" / "pytorch_model.bin"),
                  "vision_tower": write_state_dict(clip, out / "clip-vit" / "model.safetensors")}
         (out / "showo" / "config.json").write_text(json.dumps(self._official_config(), indent=2) + "\n")
+        # MAGVITv2 registers no config arguments (Show-o `models/modeling_magvitv2.py`): the class name is all.
+        (out / "magvitv2" / "config.json").write_text(json.dumps({"_class_name": "MAGVITv2"}, indent=2) + "\n")
+        self.vision_tower.config.save_pretrained(out / "clip-vit")
+        _clip_image_processor(self.arch.clip.image_size).save_pretrained(out / "clip-vit")
         return paths
 
     def _official_config(self) -> dict:
@@ -451,7 +469,7 @@ class Showo(UMMAdapter):
         The condition block is Show-o's understanding layout; the text and image part is its t2i layout
         (`UniversalPrompting.t2i_prompt`), where an empty prompt is <bos><eos> (its unconditional form:
         the image condition stays). ``codes`` (n_img,) are code indices or ``mask_id``; ``mask`` marks
-        the positions scored."""
+        the masked (scored) codes; <|eoi|> is scored too."""
         bos = eos = self._eos_id()
         text = self._encode(prompt.strip())[:self.cfg.max_prompt_len] if prompt.strip() else []
         s = _Seq(task)
@@ -462,8 +480,11 @@ class Showo(UMMAdapter):
         code_ids = torch.where(codes == self.mask_id, codes, codes + self.image_offset)
         s.ids += [self.soi_id] + torch.where(mask, self.mask_id, code_ids).tolist() + [self.eoi_id]
         s.block = (start, len(s.ids))          # <|soi|> … <|eoi|> inclusive, as Show-o's image segment
-        s.preds = (start + 1 + torch.nonzero(mask)[:, 0]).tolist()
-        s.targets = code_ids[mask].tolist()
+        # Scored as Show-o's `loss_t2i`: its labels (`t2i_prompt`) are the sequence with unmasked codes set
+        # to -100, and `Showo.forward` takes the CE from the first image token on (`max_seq_length + 1:`), so
+        # the masked codes and the closing <|eoi|> are scored (<|soi|> and the text fall before the slice).
+        s.preds = (start + 1 + torch.nonzero(mask)[:, 0]).tolist() + [len(s.ids) - 1]
+        s.targets = code_ids[mask].tolist() + [self.eoi_id]
         return s
 
     def _pack(self, seqs: list[_Seq]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -535,13 +556,6 @@ def _log(t: torch.Tensor) -> torch.Tensor:
     return t.clamp(min=1e-20).log()
 
 
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Square resize of float [0, 1] images; bicubic + antialias like the PIL BICUBIC transforms."""
-    if x.shape[-2:] == (size, size):
-        return x
-    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-
-
 def _check_tokenizer(tok: PreTrainedTokenizerBase, arch: ShowoArch, where: str | None) -> None:
     """Show-o's ids are positional: '[PAD]' must sit right after the text vocabulary, then the nine task
     tokens, so that codes start at ``llm_vocab_size + 10`` as in the released embedding table."""
@@ -553,3 +567,12 @@ def _check_tokenizer(tok: PreTrainedTokenizerBase, arch: ShowoArch, where: str |
                              "without other added tokens")
     if tok.convert_tokens_to_ids(ENDOFTEXT) in (None, tok.unk_token_id):
         raise ValueError(f"tokenizer {where or '(built-in)'} lacks {ENDOFTEXT!r} (Phi-1.5's bos/eos)")
+
+
+def _clip_image_processor(size: int):
+    """openai/clip-vit-large-patch14-336's preprocessor_config.json at ``size``: bicubic resize of the shorter
+    side, centre crop, rescale, OpenAI CLIP mean/std."""
+    from transformers import CLIPImageProcessor
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              do_center_crop=True, do_resize=True, do_rescale=True, do_normalize=True,
+                              resample=3, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
