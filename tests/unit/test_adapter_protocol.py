@@ -151,6 +151,9 @@ def release_key_sets(name: str, model: UMMAdapter, tmp: Path) -> dict[str, set[s
     if name == "harmon":           # harmon_1.5b.pth (both tied LLM keys)
         from tests.unit.test_harmon_official import synthetic_harmon_pth
         return {"harmon": set(synthetic_harmon_pth(model))}
+    if name == "janus":            # an HF Janus folder (deepseek-community/Janus-Pro-*): transformers' own keys
+        from transformers import JanusForConditionalGeneration
+        return {"janus": set(JanusForConditionalGeneration(model.config).state_dict())}
     pytest.skip(f"{name}: add its synthetic release key set to release_key_sets")
 
 
