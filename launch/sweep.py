@@ -17,9 +17,9 @@ is ``<model>_tiny`` itself). Layout under ``--run-dir DIR``:
     DIR/logs/                       one log per job (SLURM array task, or local job)
 
 One job = train the run (``submit.py --cluster local``: torchrun on the machine the job runs on), then
-the ``scenes`` suite on its final weights (``python -m unimrg.eval.job``, one process). The suite generates depth, segmentation and
-reconstruction for every row — also for the tasks a row did not train, which is what shows a row's
-generation collapsing — and answers the held-out scene questions. Trailing ``key=value`` overrides apply
+the ``scenes`` suite on its final weights (``python -m unimrg.eval.job``, one process). The suite generates
+depth, segmentation and reconstruction for every row — also for the tasks a row did not train, which is
+what shows a row's generation collapsing — and answers the held-out scene questions. Trailing ``key=value`` overrides apply
 to every row (``train.seed`` is the sweep's). A re-run of the same command skips finished jobs (final
 weights and scenes.json present), resumes a run with checkpoints from ``latest`` and starts the rest.
 
@@ -64,7 +64,8 @@ def write_manifest(args, out: Path) -> dict:
     path = out / "sweep.json"
     if path.is_file():   # a re-run must be the same sweep: otherwise its runs would mix two experiments
         old = json.loads(path.read_text())
-        if {k: v for k, v in old.items() if k != "resources"} != {k: v for k, v in manifest.items() if k != "resources"}:
+        same = {k: v for k, v in manifest.items() if k != "resources"}
+        if {k: v for k, v in old.items() if k != "resources"} != same:
             raise ValueError(f"{path} describes another sweep (model {old['model']}, seeds {old['seeds']}, overrides "
                              f"{old['overrides']}): re-run with its arguments to finish it, or use a new --run-dir")
     out.mkdir(parents=True, exist_ok=True)
@@ -154,35 +155,44 @@ def run_local(manifest_path: Path, manifest: dict) -> int:
         end_tasks(procs)
         for s, handler in previous.items():
             signal.signal(s, handler)
-    print(f"sweep {manifest['sweep']} ({manifest['model']}): {len(manifest['jobs']) - len(failed)} of "
-          f"{len(manifest['jobs'])} jobs finished in {time.time() - t0:.0f} s"
-          + (f"; failed: {', '.join(failed)} (re-run the same command to redo them)" if failed else "")
-          + f"\ntable: python -m unimrg.eval.table {manifest_path.parent}", flush=True)
-    return 1 if failed else 0
+    return report(manifest_path.parent, manifest, time.time() - t0)
+
+
+def report(out: Path, manifest: dict, seconds: float) -> int:
+    """One line: how many runs are finished (final weights + scenes.json), naming the others; 1 if any."""
+    left = [run_name(j["row"], j["seed"]) for i, j in enumerate(manifest["jobs"]) if job_commands(manifest, i)]
+    n = len(manifest["jobs"])
+    print(f"sweep {manifest['sweep']} ({manifest['model']}): {n - len(left)} of {n} jobs finished in {seconds:.0f} s"
+          + (f"; unfinished: {', '.join(left)} (logs in {out / 'logs'}; re-run the same command to redo them)"
+             if left else "") + f"\ntable: python -m unimrg.eval.table {out}", flush=True)
+    return 1 if left else 0
 
 
 def run_slurm(args, manifest_path: Path, manifest: dict) -> int:
     """slurm/sweep.sh as one array, a task per job (launch/preprocess.py submits and waits)."""
     from launch.preprocess import sbatch, wait_for
+    t0 = time.time()
     n = len(manifest["jobs"])
     logs = manifest_path.parent / "logs"
     logs.mkdir(exist_ok=True)
     ranks = args.gpus_per_node if args.gpus_per_node > 0 else args.cpu_ranks_per_node
+    # sbatch takes an option's last value: ours come after --slurm's, so leave out what the user set there
+    given = {item.split("=", 1)[0].lstrip("-").replace("_", "-") for item in args.slurm}
+    cpus = [] if "cpus-per-task" in given else [f"--cpus-per-task={ranks}"]
     try:
         array = sbatch(args, dict(os.environ), f"--job-name=unimrg-{args.sweep}-{args.model}", f"--array=0-{n - 1}",
-                       "--nodes=1", "--ntasks=1", f"--cpus-per-task={ranks}",
-                       f"--gpus-per-node={args.gpus_per_node}", f"--output={logs}/%x-%A_%a.out",
-                       "slurm/sweep.sh", str(manifest_path))
+                       "--nodes=1", "--ntasks=1", *cpus, f"--gpus-per-node={args.gpus_per_node}",
+                       f"--output={logs}/%x-%A_%a.out", "slurm/sweep.sh", str(manifest_path))
     except RuntimeError as e:
         print(f"submit.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"submitted array job {array} ({n} tasks: {', '.join(run_name(j['row'], j['seed']) for j in manifest['jobs'])})"
+    names = ", ".join(run_name(j["row"], j["seed"]) for j in manifest["jobs"])
+    print(f"submitted array job {array} ({n} tasks: {names})"
           f"; logs in {logs}\ntable once done: python -m unimrg.eval.table {manifest_path.parent}", flush=True)
     if args.detach:
         return 0
-    state = wait_for(array)
-    print(f"array job {array}: {state}")
-    return 0 if state == "COMPLETED" else 1
+    wait_for(array)
+    return report(manifest_path.parent, manifest, time.time() - t0)
 
 
 def submit(args) -> int:

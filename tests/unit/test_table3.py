@@ -60,8 +60,8 @@ def test_missing_and_unfinished_runs_are_named_and_fail(tmp_path, capsys):
     done = fake_run(sweep / "und" / "seed0", ["und"], 0, scene_metrics(0))
     fake_run(sweep / "und" / "seed1", ["und"], 1, final=False, logged_step=7)
     fake_run(sweep / "und_pix" / "seed0", ["und", "pix"], 0, metrics=None)
-    jobs = [{"row": "und", "recipe": "und_tiny", "tasks": ["und"], "seed": s, "run_dir": str(sweep / "und" / f"seed{s}")}
-            for s in (0, 1)]
+    jobs = [{"row": "und", "recipe": "und_tiny", "tasks": ["und"], "seed": s,
+             "run_dir": str(sweep / "und" / f"seed{s}")} for s in (0, 1)]
     jobs += [{"row": "und_pix", "recipe": "und_pix_tiny", "tasks": ["und", "pix"], "seed": 0,
               "run_dir": str(sweep / "und_pix" / "seed0")},
              {"row": "und_pix_depth_seg", "recipe": "tiny", "tasks": ["und", "pix", "depth", "seg"], "seed": 0,
