@@ -93,9 +93,10 @@ def test_sweep_refuses_bad_arguments_before_starting(tmp_path, capsys, extra, me
     assert not list(tmp_path.rglob("config.yaml"))
 
 
-def test_a_rerun_must_be_the_same_sweep(tmp_path, capsys):
+@pytest.mark.parametrize("model", ["harmon", "openuni"])
+def test_a_rerun_must_be_the_same_sweep(tmp_path, model):
     from launch import sweep
-    args = submit.parse_args(["--sweep", "table3", "--model", "harmon", "--seeds", "2", "--gpus-per-node", "0",
+    args = submit.parse_args(["--sweep", "table3", "--model", model, "--seeds", "2", "--gpus-per-node", "0",
                               "--run-dir", str(tmp_path), "train.steps=3"])
     manifest = sweep.write_manifest(args, tmp_path)
     assert [(j["row"], j["seed"]) for j in manifest["jobs"]][:5] == [
