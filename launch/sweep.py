@@ -19,8 +19,8 @@ is ``<model>_tiny`` itself). Layout under ``--run-dir DIR``:
 One job = train the run (``submit.py --cluster local``: torchrun on the machine the job runs on), then
 the ``scenes`` suite on its final weights (``python -m unimrg.eval.job``, one process). The suite generates
 depth, segmentation and reconstruction for every row — also for the tasks a row did not train, which is
-what shows a row's generation collapsing — and answers the held-out scene questions. Trailing ``key=value`` overrides apply
-to every row (``train.seed`` is the sweep's). A re-run of the same command skips finished jobs (final
+what shows a row's generation collapsing — and answers the held-out scene questions. Trailing
+``key=value`` overrides apply to every row (``train.seed`` is the sweep's). A re-run of the same command skips finished jobs (final
 weights and scenes.json present), resumes a run with checkpoints from ``latest`` and starts the rest.
 
 Locally the jobs run one after another (each one already uses the CPU ranks / GPUs given, default two
@@ -54,7 +54,7 @@ def run_name(row: str, seed: int) -> str:
 
 
 def write_manifest(args, out: Path) -> dict:
-    """DIR/sweep.json: every job, with the exact submit.py arguments it runs (the same on re-runs)."""
+    """DIR/sweep.json: every job (row, recipe, task set, seed, run folder); a re-run must describe the same."""
     tasks = {row: row_tasks(args, recipe) for row, recipe in SWEEPS[args.sweep]}
     # seed-major: a sweep stopped part-way has whole tables for its first seeds, not whole rows
     jobs = [{"row": row, "recipe": recipe, "tasks": tasks[row], "seed": seed, "run_dir": str(out / run_name(row, seed))}
