@@ -20,8 +20,9 @@ One job = train the run (``submit.py --cluster local``: torchrun on the machine 
 the ``scenes`` suite on its final weights (``python -m unimrg.eval.job``, one process). The suite generates
 depth, segmentation and reconstruction for every row — also for the tasks a row did not train, which is
 what shows a row's generation collapsing — and answers the held-out scene questions. Trailing
-``key=value`` overrides apply to every row (``train.seed`` is the sweep's). A re-run of the same command skips finished jobs (final
-weights and scenes.json present), resumes a run with checkpoints from ``latest`` and starts the rest.
+``key=value`` overrides apply to every row (``train.seed`` is the sweep's). A re-run of the same command
+skips finished jobs (final weights and scenes.json present), resumes a run with checkpoints from
+``latest`` and starts the rest.
 
 Locally the jobs run one after another (each one already uses the CPU ranks / GPUs given, default two
 CPU ranks: running rows side by side on a 2-core machine only makes each slower), under the same
