@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -106,3 +107,23 @@ def test_a_rerun_must_be_the_same_sweep(tmp_path, model):
     args.overrides = ["train.steps=4"]
     with pytest.raises(ValueError, match="describes another sweep"):
         sweep.write_manifest(args, tmp_path)
+
+
+def test_a_rerun_skips_finished_runs_resumes_started_ones_and_evaluates_trained_ones(tmp_path):
+    from launch import sweep
+    args = submit.parse_args(["--sweep", "table3", "--model", "harmon", "--gpus-per-node", "0",
+                              "--run-dir", str(tmp_path), "train.steps=3"])
+    manifest = sweep.write_manifest(args, tmp_path)
+    runs = [Path(j["run_dir"]) for j in manifest["jobs"]]
+    fake_run(runs[0], ["und"], 0, scene_metrics(0))                        # finished
+    fake_run(runs[1], ["und", "pix"], 0, final=False)                     # started, no final weights
+    fake_run(runs[2], ["und", "pix", "depth"], 0)                         # trained, not evaluated
+    cmds = [sweep.job_commands(manifest, i) for i in range(4)]
+    assert cmds[0] is None
+    train, evaluate = cmds[1]
+    assert train[-2:] == ["--resume", "latest"] and "train.steps=3" not in train   # frozen config.yaml
+    assert evaluate[2:4] == ["unimrg.eval.job", "--config"] and str(runs[1] / "config.yaml") in evaluate
+    assert len(cmds[2]) == 1 and "unimrg.eval.job" in cmds[2][0]
+    fresh = cmds[3][0]
+    assert fresh[fresh.index("--recipe") + 1] == "tiny" and fresh[-2:] == ["train.steps=3", "train.seed=0"]
+    assert "--resume" not in fresh
