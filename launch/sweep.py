@@ -24,8 +24,9 @@ what shows a row's generation collapsing — and answers the held-out scene ques
 skips finished jobs (final weights and scenes.json present), resumes a run with checkpoints from
 ``latest`` and starts the rest.
 
-Locally the jobs run one after another (each one already uses the CPU ranks / GPUs given, default two
-CPU ranks: running rows side by side on a 2-core machine only makes each slower), under the same
+Locally the jobs run as many at a time as the cores hold (``local_parallel``: with the default two CPU
+ranks per run on a 2-core machine, one after another; with ``--cpu-ranks-per-node 1``, two; on GPUs one,
+as each run takes them all), in manifest order, under the same
 process-group ownership as the preprocessing job (launch/preprocess.py): stopping the launcher stops the
 running job. On SLURM they are one array of ``slurm/sweep.sh`` (submitted with launch/preprocess.py's
 sbatch code; one task per job, each on one node).
@@ -120,21 +121,46 @@ def job_argv(manifest_path: Path, index: int) -> list[str]:
     return [sys.executable, str(REPO / "launch" / "sweep.py"), "job", str(manifest_path), str(index)]
 
 
-def run_local(manifest_path: Path, manifest: dict) -> int:
-    """The jobs one after another, each in a process group the launcher owns (launch/preprocess.py)."""
+def local_parallel(args) -> int:
+    """Jobs at once on this machine: one on GPUs (each job takes them all); on CPU as many as the cores hold
+    (2 cores, 2 ranks per run: one job; 1 rank per run: two)."""
+    if args.gpus_per_node > 0:
+        return 1
+    return max(1, (os.cpu_count() or 1) // args.cpu_ranks_per_node)
+
+
+def run_local(manifest_path: Path, manifest: dict, parallel: int = 1) -> int:
+    """The jobs, ``parallel`` at a time in manifest order, each in a process group the launcher owns
+    (launch/preprocess.py)."""
     from launch.preprocess import STOP_SIGNALS, _die_with_launcher, _Stopped, end_tasks
     logs = manifest_path.parent / "logs"
     logs.mkdir(exist_ok=True)
     procs: list[subprocess.Popen] = []
+    running: dict[subprocess.Popen, tuple[str, Path]] = {}
     failed: list[str] = []
 
     def stop(signum, frame):
         raise _Stopped(signum)
 
+    def reap(block: bool) -> None:
+        while running and (block or any(p.poll() is not None for p in running)):
+            done = [p for p in running if p.poll() is not None]
+            if not done:
+                time.sleep(0.5)
+                continue
+            for p in done:
+                name, log = running.pop(p)
+                if p.returncode != 0:
+                    failed.append(name)
+                    print(f"{name}: failed (exit {p.returncode}); see {log}", file=sys.stderr, flush=True)
+            block = False
+
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     t0 = time.time()
     try:
         for i, job in enumerate(manifest["jobs"]):
+            while len(running) >= parallel:
+                reap(block=True)
             name = run_name(job["row"], job["seed"])
             log = logs / f"{name.replace('/', '_')}.log"
             print(f"[{i + 1}/{len(manifest['jobs'])}] {name} (log {log}), {time.time() - t0:.0f} s so far", flush=True)
@@ -143,11 +169,11 @@ def run_local(manifest_path: Path, manifest: dict) -> int:
                 procs.append(subprocess.Popen(job_argv(manifest_path, i), cwd=REPO, env=env, stdout=f,
                                               stderr=subprocess.STDOUT, process_group=0,
                                               preexec_fn=_die_with_launcher))
-                if procs[-1].wait() != 0:
-                    failed.append(name)
-                    print(f"{name}: failed (exit {procs[-1].returncode}); see {log}", file=sys.stderr, flush=True)
+            running[procs[-1]] = (name, log)
+        while running:
+            reap(block=True)
     except _Stopped as e:
-        print(f"submit.py: {e}: ending the running job; re-run the same command to resume (finished runs are "
+        print(f"submit.py: {e}: ending the running job(s); re-run the same command to resume (finished runs are "
               "kept, a run with checkpoints resumes from the latest)", file=sys.stderr, flush=True)
         return 128 + e.signum
     finally:
@@ -229,7 +255,7 @@ def submit(args) -> int:
           f"{len(manifest['jobs'])} runs under {out} on {args.cluster}", flush=True)
     if args.cluster == "slurm":
         return run_slurm(args, out / "sweep.json", manifest)
-    return run_local(out / "sweep.json", manifest)
+    return run_local(out / "sweep.json", manifest, local_parallel(args))
 
 
 def row_tasks(args, recipe: str) -> list[str]:
