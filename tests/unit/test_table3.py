@@ -61,6 +61,8 @@ def test_missing_and_unfinished_runs_are_named_and_fail(tmp_path, capsys):
     done = fake_run(sweep / "und" / "seed0", ["und"], 0, scene_metrics(0))
     fake_run(sweep / "und" / "seed1", ["und"], 1, final=False, logged_step=7)
     fake_run(sweep / "und_pix" / "seed0", ["und", "pix"], 0, metrics=None)
+    broken = fake_run(tmp_path / "broken", ["und"], 2, metrics={})
+    (broken / "eval" / "scenes.json").write_text('{"metrics": {"und_acc')
     jobs = [{"row": "und", "recipe": "und_tiny", "tasks": ["und"], "seed": s,
              "run_dir": str(sweep / "und" / f"seed{s}")} for s in (0, 1)]
     jobs += [{"row": "und_pix", "recipe": "und_pix_tiny", "tasks": ["und", "pix"], "seed": 0,
@@ -68,10 +70,11 @@ def test_missing_and_unfinished_runs_are_named_and_fail(tmp_path, capsys):
              {"row": "und_pix_depth_seg", "recipe": "tiny", "tasks": ["und", "pix", "depth", "seg"], "seed": 0,
               "run_dir": str(sweep / "und_pix_depth_seg" / "seed0")}]
     (sweep / "sweep.json").write_text(json.dumps({"model": "harmon", "jobs": jobs}))
-    assert table.main([str(sweep)]) == 1
+    assert table.main([str(sweep), str(broken)]) == 1
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| harmon")]
-    assert len(rows) == 3 and rows[0].startswith("| harmon * ") and "1/2 (0)" in rows[0]
+    assert len(rows) == 3 and rows[0].startswith("| harmon * ") and "1/3 (0)" in rows[0]
+    assert f"{broken} (harmon, und, seed 2): unreadable eval/scenes.json" in out
     assert "n/a" in rows[1] and "0/1" in rows[1] and "n/a" in rows[2]
     assert f"{sweep / 'und' / 'seed1'} (harmon, und, seed 1): training unfinished (reached step 7 of 20" in out
     assert f"{sweep / 'und_pix' / 'seed0'} (harmon, und + pix, seed 0): not evaluated" in out

@@ -89,7 +89,10 @@ def read_run(path: Path, expect: dict | None = None) -> Run:
         run.missing = ("not evaluated (no eval/scenes.json: python launch/submit.py --job eval --suite scenes "
                        f"--run-dir {path} --cluster local)")
         return run
-    run.values = column_values(json.loads(scenes.read_text())["metrics"])
+    try:
+        run.values = column_values(json.loads(scenes.read_text())["metrics"])
+    except (ValueError, KeyError, TypeError) as e:   # cut short or hand-edited: name it, as a missing run
+        run.missing = f"unreadable eval/scenes.json ({type(e).__name__}: {e}); re-run the scenes suite"
     return run
 
 
