@@ -132,6 +132,15 @@ def sbatch_options(args) -> list[str]:
                    for item in args.slurm]
 
 
+def sbatch(args, env: dict, *extra: str) -> str:
+    """``sbatch --parsable`` with submit.py's SLURM options, then ``extra``; the job id (launch/sweep.py too)."""
+    res = subprocess.run(["sbatch", "--parsable", *sbatch_options(args), *extra], cwd=REPO, env=env,
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"sbatch refused the job: {res.stderr.strip()}")
+    return res.stdout.strip().split(";")[0]
+
+
 def run_slurm(args, num_tasks: int) -> int:
     """slurm/preprocess.sh as an array of ``num_tasks``, then its finalize job (afterok)."""
     env = dict(os.environ, DEPTH_MODEL=args.depth_model, SAM_MODEL=args.sam_model, IMAGES=str(args.images))
@@ -139,17 +148,10 @@ def run_slurm(args, num_tasks: int) -> int:
     logs = Path(args.out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
-    def sbatch(*extra: str) -> str:
-        res = subprocess.run(["sbatch", "--parsable", *sbatch_options(args), *extra], cwd=REPO, env=env,
-                             capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"sbatch refused the job: {res.stderr.strip()}")
-        return res.stdout.strip().split(";")[0]
-
     try:
-        array = sbatch(*gpu, f"--array=0-{num_tasks - 1}", f"--output={logs}/%x-%A_%a.out",
+        array = sbatch(args, env, *gpu, f"--array=0-{num_tasks - 1}", f"--output={logs}/%x-%A_%a.out",
                        "slurm/preprocess.sh", str(args.out), *args.job_args)
-        final = sbatch("--gpus-per-node=0", "--array=0", f"--dependency=afterok:{array}",
+        final = sbatch(args, env, "--gpus-per-node=0", "--array=0", f"--dependency=afterok:{array}",
                        f"--output={logs}/%x-finalize-%A.out", "slurm/preprocess.sh", "finalize", str(args.out))
     except RuntimeError as e:
         print(f"submit.py: error: {e}", file=sys.stderr)

@@ -4,6 +4,7 @@
     python launch/submit.py --model showo --nodes 2 --gpus-per-node 8 --cluster slurm --partition gpu
     python launch/submit.py --model openuni --recipe paper --nodes 1 --gpus-per-node 8 --dry-run
     python launch/submit.py --job eval --suite scenes --run-dir runs/demo --cluster local   (launch/evaluate.py)
+    python launch/submit.py --sweep table3 --model harmon --seeds 3 --cluster local --run-dir runs/t3   (launch/sweep.py)
 
 Trailing ``key=value`` arguments override the recipe (``train.steps=50 data.root=/data/unimrg``).
 The run folder gets ``config.yaml`` (resolved; what every rank and every requeue reads) and
@@ -68,6 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ev.add_argument("--benchmark", help="the benchmark's local file in its published format")
     ev.add_argument("--weights", default="auto", help="auto (final/model.pt, latest checkpoint, model.checkpoint) "
                     "| none | a file | a checkpoint folder")
+    sw = ap.add_argument_group("--sweep (launch/sweep.py): rows × seeds as independent runs under --run-dir")
+    sw.add_argument("--sweep", choices=("table3",), help="table3: the ablation rows und; +pix; +depth; +seg")
+    sw.add_argument("--seeds", type=int, default=1, help="seeds per row (train.seed = 0 … N−1)")
+    sw.add_argument("--eval-scenes", type=int, default=32, help="held-out scenes of each run's `scenes` evaluation")
     s = ap.add_argument_group("SLURM")
     s.add_argument("--partition")
     s.add_argument("--account")
@@ -102,6 +107,9 @@ def ranks_per_node(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.sweep:
+        from launch.sweep import submit as submit_sweep
+        return submit_sweep(args)
     if args.job == "preprocess":
         args.model, args.recipe = args.model or DEFAULT_MODEL, args.recipe or DEFAULT_RECIPE
         from launch.preprocess import submit as submit_preprocess
