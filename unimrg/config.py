@@ -76,7 +76,7 @@ class TrainConfig:
     ds_config: str = ""               # ZeRO JSON; "" = ds_configs/zero{zero_stage}.json
     seed: int = 0
     log_every: int = 1
-    checkpoint_every: int = 500       # also at the end and on a preemption signal
+    checkpoint_every: int = 500       # also at the end and on a preemption signal; 0 = only those
     keep_checkpoints: int = 2
     stop_after: int = 0               # leave after this many steps (with a checkpoint); 0 = run to `steps`
     export_final: bool = True         # write consolidated weights to RUN/final/ at the end
@@ -363,6 +363,9 @@ def validate(cfg: Config, dp_size: int) -> BatchPlan:
     t = cfg.train
     if t.precision not in ("bf16", "fp32"):
         raise ConfigError(f"train.precision={t.precision!r}: use bf16 or fp32 (fp16 is not supported)")
+    if t.checkpoint_every < 0:
+        raise ConfigError(f"train.checkpoint_every={t.checkpoint_every} must be ≥ 0 (0 = checkpoint only at the "
+                          "end and on a preemption signal)")
     if t.zero_stage not in (1, 2, 3):
         raise ConfigError(f"train.zero_stage={t.zero_stage}: use 1, 2 or 3")
     if t.steps < 1 or t.stop_after < 0:

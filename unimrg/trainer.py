@@ -45,6 +45,10 @@ from unimrg.runfolder import COMPLETE, check_checkpoint_config, find_checkpoint
 from unimrg.signals import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS  # noqa: F401 (re-exported)
 
 
+def checkpoint_due(step: int, every: int) -> bool:
+    """A periodic checkpoint at ``step``? ``train.checkpoint_every=0``: none (only the end and signals)."""
+    return every > 0 and step % every == 0
+
 class SkippedStepsError(RuntimeError):
     """More than ``train.max_skipped_steps`` optimizer steps in a row were skipped (non-finite)."""
 
@@ -258,10 +262,11 @@ class Trainer:
                 t_start += self.evaluator.run(self.engine, self.step)
             if self.step == self.stage_end and self.stage_end < cfg.train.steps:
                 self.export(self.stage_export(self.stage))   # before the checkpoint that needs it
-            if self.step % cfg.train.checkpoint_every == 0 or self.step == last:
+            periodic = checkpoint_due(self.step, cfg.train.checkpoint_every)
+            if periodic or self.step == last:
                 self.save()
             if self.agree(self.stop_requested):
-                if self.step % cfg.train.checkpoint_every and self.step != last:
+                if not periodic and self.step != last:
                     self.save()
                 self.log0(f"stopping at step {self.step} on a signal ({self.stop_signal or 'on another rank'}), "
                           f"checkpoint {self.ckpt_dir / f'step_{self.step:07d}'}; resume with run.resume=latest")

@@ -52,3 +52,12 @@ def test_table3_rows_inherit_the_paper_recipe(row, tasks, ga):
     assert cfg.objective.tasks == tasks and cfg.train.grad_accum == ga
     assert cfg.optim.lr == 1e-5          # inherited
     validate(cfg, dp_size=8)
+
+
+def test_checkpoint_every_zero_means_only_end_and_signals_and_negative_is_refused():
+    from unimrg.trainer import checkpoint_due
+    assert [s for s in range(1, 9) if checkpoint_due(s, 4)] == [4, 8]
+    assert not any(checkpoint_due(s, 0) for s in range(1, 9))     # used to divide by zero
+    cfg = load_config(recipe_path("openuni", "tiny"), ["train.checkpoint_every=-1"], model="openuni")
+    with pytest.raises(ConfigError, match="train.checkpoint_every=-1"):
+        validate(cfg, 2)
