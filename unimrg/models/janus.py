@@ -34,8 +34,8 @@ from unimrg.data.llava import dialogue_turns
 from unimrg.data.transforms import Fit, ImageTransforms, resize_tensor
 from unimrg.models.base import ModelConfig, Resolution, UMMAdapter
 from unimrg.models.official_io import LoadReport, load_checked, read_state_dict
+from unimrg.models.sequences import IGNORE_INDEX, cut_conversation, pad_right
 
-IGNORE_INDEX = -100
 # Janus-Pro tokenizer (deepseek-ai/Janus `processing_vlm.py` VLChatProcessor and the "deepseek" chat template:
 # roles "<|User|>" / "<|Assistant|>", separators "\n\n" after a user turn and the EOS after an answer).
 IMAGE, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
@@ -315,7 +315,7 @@ class Janus(UMMAdapter):
             seqs.append([tok.convert_tokens_to_ids(BOS)] + self._user_head() + self._image_block()
                         + self._encode("\n") + text + self._encode("\n\n")
                         + self._encode(f"{ASSISTANT}:") + [tok.convert_tokens_to_ids(BOI)])
-        ids, mask = _pad(seqs, self._pad_id())
+        ids, mask = pad_right(seqs, self._pad_id())
         ids, mask = ids.to(device), mask.to(device)
         return self._embed_with_images(ids, feats), mask
 
@@ -368,7 +368,7 @@ class Janus(UMMAdapter):
             feats = self.image_features(images)
             seqs = [[tok.convert_tokens_to_ids(BOS)] + self._system_ids() + self._user_head() + self._image_block()
                     + self._encode(f"\n{q.strip()}\n\n{ASSISTANT}:") for q in questions]
-            ids, mask = _pad(seqs, self._pad_id())
+            ids, mask = pad_right(seqs, self._pad_id())
             ids, mask = ids.to(device), mask.to(device)
             embeds = self._embed_with_images(ids, feats)
             mask, embeds = left_align(mask, embeds)
@@ -484,18 +484,13 @@ class Janus(UMMAdapter):
                     t = self._encode(f" {value}") + [eos]
                     labels += t
                 ids += t
-            if len(ids) > self.cfg.max_length:
-                ids, labels = ids[:self.cfg.max_length], labels[:self.cfg.max_length]
-                if with_image[i] and ids.count(self.config.image_token_id) != self.num_image_tokens:
-                    raise ValueError(f"understanding sample {key!r}: max_length={self.cfg.max_length} cuts the "
-                                     "image tokens; raise model.max_length")
-            if all(x == IGNORE_INDEX for x in labels):
-                raise ValueError(f"understanding sample {key!r}: no answer tokens left within "
-                                 f"max_length={self.cfg.max_length}; raise model.max_length")
+            ids, labels = cut_conversation(key, ids, labels, self.cfg.max_length,
+                                           image_token_id=self.config.image_token_id,
+                                           image_tokens=self.num_image_tokens if with_image[i] else 0)
             all_ids.append(ids)
             all_labels.append(labels)
-        ids, mask = _pad(all_ids, self._pad_id())
-        labels, _ = _pad(all_labels, IGNORE_INDEX)
+        ids, mask = pad_right(all_ids, self._pad_id())
+        labels, _ = pad_right(all_labels, IGNORE_INDEX)
         return ids, labels, mask
 
     # ---- internals ------------------------------------------------------------------------------
@@ -561,17 +556,6 @@ def original_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         out[new] = v
     return out
-
-
-def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest: (B, L) long tensor and (B, L) bool mask of real tokens."""
-    n = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), n), value, dtype=torch.long)
-    mask = torch.zeros(len(seqs), n, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = True
-    return out, mask
 
 
 def _check_tokenizer(tok: PreTrainedTokenizerBase, config: JanusConfig, where: str | None) -> None:

@@ -56,10 +56,10 @@ from unimrg.models.harmon.arch import ENDOFTEXT, IM_END, IM_START, TINY_SPECIAL_
 from unimrg.models.harmon.mar import MAR
 from unimrg.models.harmon.vae import VAE_STRIDE, load_vae
 from unimrg.models.official_io import LoadReport, load_checked, read_state_dict, write_state_dict
+from unimrg.models.sequences import IGNORE_INDEX, pad_right
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 OFFICIAL_PREFIXES = ("llm.", "mar.", "proj_in.", "proj_out.")     # harmon_1.5b.pth (the VAE is separate)
 TIED_KEYS = ("llm.model.embed_tokens.weight", "llm.lm_head.weight")
 
@@ -314,7 +314,7 @@ class Harmon(UMMAdapter):
         assistant\\n` (UniMRG/RecA `_process_text`: "\\n" + prompt, or the bare unconditional prompt), right-
         padded: (B, L, H) embeddings, (B, L) bool mask and (B,) valid lengths. ``feats`` None = no image."""
         seqs = [self._encode(t)[-self.cfg.max_prompt_length:] for t in self.prompt_texts(prompts)]
-        rest, mask = _pad(seqs, self._pad_id())
+        rest, mask = pad_right(seqs, self._pad_id())
         device = self._device_dtype()[0]
         embeds, attn, _ = self._embed_with_image(feats, rest.to(device), mask.to(device), batch=len(prompts))
         return embeds, attn, attn.sum(dim=1)
@@ -410,8 +410,8 @@ class Harmon(UMMAdapter):
                     add("\n", False)
             all_ids.append(ids[:budget])
             all_labels.append(labels[:budget])
-        ids, mask = _pad(all_ids, self._pad_id())
-        labels, _ = _pad(all_labels, IGNORE_INDEX)
+        ids, mask = pad_right(all_ids, self._pad_id())
+        labels, _ = pad_right(all_labels, IGNORE_INDEX)
         return ids, labels, mask
 
     # ---- images ----------------------------------------------------------------------------------
@@ -453,7 +453,7 @@ class Harmon(UMMAdapter):
         with self.evaluating():
             tokens, grid = self.encode_latents(self._pixels(images, device, "images"))
             feats = self.visual_features(tokens, grid)[1]                       # (B, I, H)
-            rest, rest_mask = _pad([self._encode(f"\n{q.strip()}{IM_END}\n{IM_START}assistant\n")
+            rest, rest_mask = pad_right([self._encode(f"\n{q.strip()}{IM_END}\n{IM_START}assistant\n")
                                     for q in questions], self._pad_id())
             embeds, attn, _ = self._embed_with_image(feats, rest.to(device), rest_mask.to(device))
             attn, embeds = left_align(attn.bool(), embeds)
@@ -538,12 +538,3 @@ def _tie_aliases(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.T
     return state
 
 
-def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest: (B, L) long tensor and (B, L) bool mask of real tokens."""
-    n = max(1, max(len(s) for s in seqs))
-    out = torch.full((len(seqs), n), value, dtype=torch.long)
-    mask = torch.zeros(len(seqs), n, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = True
-    return out, mask

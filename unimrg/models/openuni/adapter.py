@@ -29,11 +29,11 @@ from unimrg.data.llava import dialogue_turns
 from unimrg.data.transforms import STRETCH, Fit, ImageTransforms, resize_tensor
 from unimrg.models.base import ModelConfig, Resolution, UMMAdapter
 from unimrg.models.official_io import LoadReport
+from unimrg.models.sequences import IGNORE_INDEX, cut_conversation, pad_right
 from unimrg.models.openuni.arch import (
     ENDOFTEXT, IM_END, IM_START, IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT, IMG_END, IMG_START, INTERNVL_SYSTEM,
     NUM_TRAIN_TIMESTEPS, OpenUniArch, arch_for, smoke)
 
-IGNORE_INDEX = -100
 TINY_SPECIAL_TOKENS = (IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, ENDOFTEXT)
 
 
@@ -290,7 +290,7 @@ class OpenUni(UMMAdapter):
             system = f"{IM_START}system\n{self.system_message}{IM_END}\n" if self.system_message else ""
             seqs = [self._encode(f"{system}{IM_START}user\n{self._image_tokens(feats.shape[1])}\n{q.strip()}"
                                  f"{IM_END}\n{IM_START}assistant\n") for q in questions]
-            ids, mask = _pad(seqs, self._pad_id())
+            ids, mask = pad_right(seqs, self._pad_id())
             ids, mask = ids.to(device), mask.to(device)
             embed = self.lmm.get_input_embeddings()
             embeds = embed(ids)
@@ -443,7 +443,7 @@ class OpenUni(UMMAdapter):
             text = (f"{IM_START}user\n{self._image_tokens(n_image_tokens)}\n{p.strip()}{IM_END}\n"
                     f"{IM_START}assistant\n{IMG_START}")
             seqs.append(self._encode(text))
-        return _pad(seqs, self._pad_id())
+        return pad_right(seqs, self._pad_id())
 
     def _conversation_ids(self, batch: UnderstandingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """InternVL chat format; labels on the assistant turns (answer + <|im_end|>\\n), IGNORE elsewhere.
@@ -476,18 +476,13 @@ class OpenUni(UMMAdapter):
                     add(f"{IM_START}user\n{value}{IM_END}\n{IM_START}assistant\n", False)
                 else:
                     add(f"{value}{IM_END}\n", True)
-            if len(ids) > self.cfg.max_length:
-                ids, labels = ids[:self.cfg.max_length], labels[:self.cfg.max_length]
-                if has_image and sum(x == self.arch.internvl.image_token_id for x in ids) != n_img:
-                    raise ValueError(f"understanding sample {key!r}: max_length={self.cfg.max_length} cuts the "
-                                     "image tokens; raise model.max_length")
-            if all(x == IGNORE_INDEX for x in labels):
-                raise ValueError(f"understanding sample {key!r}: no answer tokens left within "
-                                 f"max_length={self.cfg.max_length}; raise model.max_length")
+            ids, labels = cut_conversation(key, ids, labels, self.cfg.max_length,
+                                           image_token_id=self.arch.internvl.image_token_id,
+                                           image_tokens=n_img if has_image else 0)
             all_ids.append(ids)
             all_labels.append(labels)
-        ids, mask = _pad(all_ids, self._pad_id())
-        labels, _ = _pad(all_labels, IGNORE_INDEX)
+        ids, mask = pad_right(all_ids, self._pad_id())
+        labels, _ = pad_right(all_labels, IGNORE_INDEX)
         return ids, labels, mask
 
     def _pad_id(self) -> int:
@@ -496,15 +491,6 @@ class OpenUni(UMMAdapter):
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest: (B, L) long tensor and (B, L) bool mask of real tokens."""
-    n = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), n), value, dtype=torch.long)
-    mask = torch.zeros(len(seqs), n, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = True
-    return out, mask
 
 
 def _init_connector(connector: nn.Module) -> None:

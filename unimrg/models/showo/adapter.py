@@ -32,11 +32,10 @@ from unimrg.data.llava import dialogue_turns
 from unimrg.data.transforms import Fit, ImageTransforms, resize_tensor
 from unimrg.models.base import ModelConfig, Resolution, UMMAdapter
 from unimrg.models.official_io import LoadReport, load_checked, read_state_dict, write_state_dict
+from unimrg.models.sequences import IGNORE_INDEX, cut_conversation
 from unimrg.models.showo.arch import (
     CLIP_MEAN, CLIP_STD, ENDOFTEXT, EOI, MMU, NEW_SPECIAL_TOKENS, PAD, SOI, SYSTEM_PROMPT, T2I, ShowoArch, arch_for, smoke)
 from unimrg.models.showo.magvit import MagvitV2
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -446,10 +445,7 @@ class Showo(UMMAdapter):
                     ids = self._encode(f" {value}") + [eos]
                     labels += ids
                 text += ids
-            text, labels = text[:self.cfg.max_text_len], labels[:self.cfg.max_text_len]
-            if all(t == IGNORE_INDEX for t in labels):
-                raise ValueError(f"understanding sample {key!r}: no answer tokens left within "
-                                 f"max_text_len={self.cfg.max_text_len}; raise model.max_text_len")
+            text, labels = cut_conversation(key, text, labels, self.cfg.max_text_len, field="max_text_len")
             s = _Seq(batch.task)
             s.ids = [self.mmu_id] + (self._encode(self.system_message) if self.system_message else [])
             if with_image[i]:            # a text-only conversation: no <|soi|> CLIP <|eoi|> block
