@@ -107,3 +107,16 @@ def test_openuni_tokenizer_reconstructs_held_out_scenes():
     info = P.train_tokenizer(model, P.PretrainConfig(tokenizer_steps=300), train, held)
     assert before < 18 and info["tokenizer_recon_psnr"] >= 22, (before, info)   # measured: 15.1 → 25.5 dB
     assert not any(q.requires_grad for q in model.vae.parameters()), "the tokenizer is frozen after its stage"
+
+
+@pytest.mark.parametrize("model", ["harmon", "showo"])
+def test_every_tiny_recipe_loads_its_base_completely(model, tmp_path):
+    """Harmon (release file + the VAE as a diffusers folder) and Show-o (showo/, magvitv2/, clip-vit/):
+    every parameter comes from the base's files."""
+    from unimrg.models import registry
+    cfg = tiny_cfg(model, tmp_path)
+    entry = P.apply_base(cfg)
+    assert entry.trained and set(entry.sources) == set(registry.adapter_class(model).official_sources)
+    adapter = registry.build_model(cfg.model)
+    report = adapter.load_official(cfg.model.checkpoint)
+    assert report.ok and len(report.loaded) == len(adapter.state_dict()), (report.missing, report.unexpected)
