@@ -286,6 +286,10 @@ def ensure_base(cfg, progress: bool = True, log=print) -> BaseEntry:
         log(f"tiny base: cached {folder} (recon_psnr {entry.info['tokenizer_recon_psnr']:.2f} dB)")
         return entry
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".partial-{folder.name}-*"):   # left by a build that was killed -9
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
     partial = folder.parent / f".partial-{folder.name}-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     log(f"tiny base: building {folder} (no cache entry; `--job pretrain` builds it ahead)")

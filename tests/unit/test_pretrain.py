@@ -60,6 +60,12 @@ def test_a_killed_build_leaves_no_entry(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         P.ensure_base(cfg, progress=False)
     assert list(tmp_path.iterdir()) == [], "nothing may look like (or be left of) a cache entry"
+    # a build killed with -9 cannot clean up: the next build removes its partial folder
+    dead = tmp_path / f".partial-{P.entry_dir(cfg.model, cfg.pretrain).name}-999999999"
+    dead.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        P.ensure_base(cfg, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_tiny_recipe_loads_the_base_through_the_official_loader(openuni_base):
