@@ -39,7 +39,10 @@ def write_config(args, run_dir: Path) -> Path:
     else:
         from launch.submit import DEFAULT_MODEL, DEFAULT_RECIPE   # a new RUN: submit.py's defaults
         model, recipe = args.model or DEFAULT_MODEL, args.recipe or DEFAULT_RECIPE
-        out.write_text(to_yaml(load_config(recipe_path(model, recipe), overrides, model=model)))
+        cfg = load_config(recipe_path(model, recipe), overrides, model=model)
+        from unimrg.pretrain import apply_base
+        apply_base(cfg)   # model.base=tiny: evaluate the tiny base (built if missing)
+        out.write_text(to_yaml(cfg))
     return out
 
 

@@ -5,6 +5,7 @@
     python launch/submit.py --model openuni --recipe paper --nodes 1 --gpus-per-node 8 --dry-run
     python launch/submit.py --job eval --suite scenes --run-dir runs/demo --cluster local   (launch/evaluate.py)
     python launch/submit.py --sweep table3 --model harmon --seeds 3 --cluster local --run-dir runs/t3   (launch/sweep.py)
+    python launch/submit.py --job pretrain --model harmon --recipe tiny   (the cached tiny base, unimrg/pretrain.py)
 
 Trailing ``key=value`` arguments override the recipe (``train.steps=50 data.root=/data/unimrg``).
 The run folder gets ``config.yaml`` (resolved; what every rank and every requeue reads) and
@@ -35,9 +36,9 @@ DEFAULT_MODEL, DEFAULT_RECIPE = "openuni", "tiny"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--job", choices=("train", "preprocess", "eval"), default="train",
-                    help="train a model, make depth / segmentation targets (launch/preprocess.py), or evaluate "
-                         "(launch/evaluate.py)")
+    ap.add_argument("--job", choices=("train", "preprocess", "eval", "pretrain"), default="train",
+                    help="train a model, make depth / segmentation targets (launch/preprocess.py), evaluate "
+                         "(launch/evaluate.py), or build the cached tiny base (unimrg/pretrain.py)")
     ap.add_argument("--model", default=None, choices=registry.names(), help=f"one of {registry.names()} (default {DEFAULT_MODEL}; "
                                                   "a resume takes the run's)")
     ap.add_argument("--recipe", default=None, help="name (launch/recipes/<model>_<name>.yaml) or a YAML path "
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         from launch.evaluate import submit as submit_eval
         args.model, args.recipe = args.model or DEFAULT_MODEL, args.recipe or DEFAULT_RECIPE
         return submit_eval(args)
+    if args.job == "pretrain":
+        return pretrain(args)
     # An installed copy (no checkout around it) keeps its runs in the current folder, not in site-packages.
     runs = REPO / "runs" if (REPO / "setup.py").is_file() else Path.cwd() / "runs"
     run_dir = Path(args.run_dir or runs / f"{args.model or DEFAULT_MODEL}_"
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             args.model, args.recipe = args.model or DEFAULT_MODEL, args.recipe or DEFAULT_RECIPE
             cfg = load_config(recipe_path(args.model, args.recipe), overrides, model=args.model)
             cfg.run.resume = resume
+            from unimrg.pretrain import apply_base
+            apply_base(cfg, build=not args.dry_run)   # model.base=tiny → the cached base's weight fields
             amendments, ckpt = [], None
             kind = "restart" if (run_dir / "config.yaml").is_file() else "first"
         plan = validate(cfg, dp_size)
@@ -187,6 +192,24 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     return run_local(config_path, ranks_per_node(args), gpu=args.gpus_per_node > 0)
+
+
+def pretrain(args) -> int:
+    """``--job pretrain``: build (or find) the tiny base of --model / --recipe in the cache; print where."""
+    from unimrg.pretrain import ensure_base
+    args.model, args.recipe = args.model or DEFAULT_MODEL, args.recipe or DEFAULT_RECIPE
+    try:
+        cfg = load_config(recipe_path(args.model, args.recipe), args.overrides, model=args.model)
+        if cfg.model.size != "tiny":
+            raise ConfigError(f"--job pretrain: model.size={cfg.model.size!r}; the in-house base is built for "
+                              "tiny recipes only (full-size runs load released weights)")
+        entry = ensure_base(cfg)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
+        print(f"submit.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"tiny base {entry.path}\nfiles sha256 {entry.file_hash()}\n"
+          + "\n".join(f"model.{k}={v}" for k, v in entry.sources.items()))
+    return 0
 
 
 def check_same_run(args, cfg, first: dict) -> None:

@@ -11,6 +11,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Tiny recipes start from the cached tiny base (model.base: ${oc.env:UNIMRG_BASE,tiny}); tests run them from
+# random init unless they ask for the base (tests/unit/test_pretrain.py), so no test pays for a base build.
+os.environ.setdefault("UNIMRG_BASE", "none")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,6 +21,18 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _base_cache(tmp_path_factory):
+    """Any tiny base a test builds goes into its own temporary cache, never ~/.cache/unimrg."""
+    old = os.environ.get("UNIMRG_CACHE")
+    os.environ["UNIMRG_CACHE"] = str(tmp_path_factory.mktemp("unimrg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("UNIMRG_CACHE", None)
+    else:
+        os.environ["UNIMRG_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

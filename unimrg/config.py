@@ -25,6 +25,7 @@ from unimrg.eval.intrain import EvalConfig
 from unimrg.models import registry
 from unimrg.models.base import ModelConfig
 from unimrg.objective import ObjectiveConfig
+from unimrg.pretrain import PretrainConfig
 from unimrg.tasks import TASKS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,6 +105,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)   # model.base=tiny / --job pretrain
 
 
 def repo_path(path: str) -> Path:

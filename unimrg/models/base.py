@@ -36,6 +36,9 @@ class ModelConfig:
     size: str = "tiny"                 # "tiny" (random init, tests/demo) | "full" (the released architecture)
     checkpoint: str | None = None      # local path to official weights, loaded by ``load_official``
     init: str = "official"             # "official": full size needs model.checkpoint; "random": no weights, on purpose
+    # "tiny": start from the in-house tiny base (unimrg/pretrain.py; submit.py fills the weight fields with
+    # its cache entry, building it if missing); "" / "none": random init (tests set UNIMRG_BASE=none)
+    base: str = ""
     # Resolutions the loaders deliver; 0 = the adapter's native one (its released checkpoint's, see
     # ``UMMAdapter.native_resolution``), filled in by ``resolve_resolution`` when the config is loaded.
     image_size: int = 0                # input images (understanding + generation condition), uint8
