@@ -251,11 +251,30 @@ def submit(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"submit.py: error: {e}", file=sys.stderr)
         return 2
+    try:
+        build_base(args)
+    except Exception as e:   # a bad base field or a failed build: nothing has started yet
+        print(f"submit.py: error: tiny base: {e}", file=sys.stderr)
+        return 2
     print(f"sweep {args.sweep}: {args.model}, {len(SWEEPS[args.sweep])} rows × {args.seeds} seed(s) = "
           f"{len(manifest['jobs'])} runs under {out} on {args.cluster}", flush=True)
     if args.cluster == "slurm":
         return run_slurm(args, out / "sweep.json", manifest)
     return run_local(out / "sweep.json", manifest, local_parallel(args))
+
+
+def build_base(args) -> None:
+    """The rows start from the same cached tiny base (``model.base``, unimrg/pretrain.py): build it here, once,
+    before any job, so that parallel local jobs or array tasks do not each build it."""
+    from unimrg.config import load_config, recipe_path
+    from unimrg.pretrain import apply_base
+    seen = set()
+    for _, recipe in SWEEPS[args.sweep]:
+        cfg = load_config(recipe_path(args.model, recipe), [*args.overrides, "run.dir=/nonexistent"], model=args.model)
+        key = (cfg.model.base, str(cfg.model), str(cfg.pretrain))
+        if key not in seen:
+            seen.add(key)
+            apply_base(cfg)
 
 
 def row_tasks(args, recipe: str) -> list[str]:
