@@ -8,6 +8,9 @@ Every build here runs at a toy budget in the test's own cache folder (tmp_path).
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
@@ -97,22 +100,40 @@ def test_base_field_errors_name_the_fix(tmp_path):
     assert P.apply_base(tiny_cfg("openuni", tmp_path, "model.base=none")) is None
 
 
-def test_openuni_tokenizer_reconstructs_held_out_scenes():
-    """The README's bar (≥ 22 dB recon_psnr of the frozen tokenizer alone, tiny size) at a CI budget: 300
-    DC-AE steps (the recipe's 800 reach 31 dB). A constant mean scene already scores ≈ 20.5 dB at 32 px, the
-    untrained DC-AE ≈ 15 dB."""
+# (model, steps at a CI budget, PSNR bar on held-out scene pictures). The README's bar is 22 dB at the tiny
+# recipes' budgets (bench/tokenizer_psnr.py; the README table); here a third or a quarter of those steps on 128
+# scenes. An untrained tokenizer scores 12-15 dB, a constant mean scene ≈ 20.5 dB: Harmon's KL-16 (4×4
+# latents) passes that only later (400 steps: 19.8 dB), so its bar here is looser.
+TOKENIZER_BUDGETS = [("openuni", 300, 22.0), ("harmon", 400, 19.5), ("showo", 300, 21.0)]
+
+
+@pytest.mark.parametrize("model,steps,bar", TOKENIZER_BUDGETS, ids=[m for m, _, _ in TOKENIZER_BUDGETS])
+def test_tokenizer_reconstructs_held_out_scenes_and_their_maps(model, steps, bar):
+    """The frozen tokenizer alone, trained on what the base build gives it (scene pictures, and unless the
+    recipe says ``pretrain.tokenizer_maps: false`` depth renderings and boundary drawings), reconstructs
+    held-out scene pictures above the bar and held-out depth maps better than a constant mean depth map
+    scores (0.95 depth_similarity)."""
     from unimrg.data.scenes import make_scene
+    from unimrg.eval.metrics import depth_similarity
     from unimrg.models import registry
     torch.manual_seed(0)
-    cfg = load_config(recipe_path("openuni", "tiny"), ["model.base=none"], model="openuni")
-    model = registry.adapter_class("openuni")(cfg.model)
-    tok = P.Tokenizer(model)
-    train = P._images([make_scene(0, i, 56) for i in range(256)], tok.size)
-    held = P._images([make_scene(0, P.HELD_OUT + i, 56) for i in range(16)], tok.size)
+    cfg = load_config(recipe_path(model, "tiny"), ["model.base=none"], model=model)
+    adapter = registry.adapter_class(model)(cfg.model)
+    tok = P.Tokenizer(adapter)
+    train = P.tokenizer_images([make_scene(0, i, 64) for i in range(128)], tok.size, cfg.pretrain.tokenizer_maps)
+    held_scenes = [make_scene(0, P.HELD_OUT + i, 64) for i in range(16)]
+    held = P._images(held_scenes, tok.size)
     before = tok.psnr(held)
-    info = P.train_tokenizer(model, P.PretrainConfig(tokenizer_steps=300), train, held)
-    assert before < 18 and info["tokenizer_recon_psnr"] >= 22, (before, info)   # measured: 15.1 → 25.5 dB
-    assert not any(q.requires_grad for q in model.vae.parameters()), "the tokenizer is frozen after its stage"
+    info = P.train_tokenizer(adapter, dataclasses.replace(cfg.pretrain, tokenizer_steps=steps), train, held)
+    assert before < 18 and info["tokenizer_recon_psnr"] >= bar, (before, info)
+    assert not any(q.requires_grad for q in tok.module.parameters()), "the tokenizer is frozen after its stage"
+    if not cfg.pretrain.tokenizer_maps:
+        return
+    depth_maps = P.tokenizer_images(held_scenes, tok.size)[2 * len(held_scenes):3 * len(held_scenes)]
+    with torch.no_grad():
+        rec, _ = tok.roundtrip(depth_maps.float() / 255, train=False)
+    target = torch.from_numpy(np.stack([s.depth for s in held_scenes]))[:, None]
+    assert depth_similarity(((rec + 1) / 2).clamp(0, 1), target).mean() > 0.95
 
 
 @pytest.mark.parametrize("model", ["harmon", "showo"])

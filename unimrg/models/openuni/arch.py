@@ -186,23 +186,29 @@ def _full(variant: str) -> OpenUniArch:
 
 def _tiny(vocab_size: int, image_token_id: int, variant: str = DEFAULT_VARIANT) -> OpenUniArch:
     # notes/openuni.md "Tiny configs that run"; vocab sized to the byte tokenizer.
+    # Patch 7 (8×8 patches → 16 image tokens after the pixel shuffle) and 16 queries: with 14 px patches the
+    # generator's condition held 4 image tokens, too coarse to place objects in a depth map.
     vision = InternVLVisionConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=56,
-        patch_size=14, attention_bias=True, use_qk_norm=False, norm_type="layer_norm", layer_norm_eps=1e-6,
+        patch_size=7, attention_bias=True, use_qk_norm=False, norm_type="layer_norm", layer_norm_eps=1e-6,
         layer_scale_init_value=0.1)
     text = Qwen2Config(
         vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False)
     internvl = InternVLConfig(
-        vision_config=vision, text_config=text, image_token_id=image_token_id, image_seq_length=4,
+        vision_config=vision, text_config=text, image_token_id=image_token_id, image_seq_length=16,
         downsample_ratio=0.5, projector_hidden_act="gelu", tie_word_embeddings=False)
     connector = SiglipVisionConfig(
         hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, attention_dropout=0.0)
-    sana = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, num_layers=2,
-                num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+    # SANA 64 wide × 4 blocks, with sincos position embeddings (interpolation_scale=1; the releases have none):
+    # the release's NoPE gets positions from Mix-FFN's zero-padded 3×3 convs, which at 4 blocks on an 8×8
+    # latent barely tell one cell from another, and a 16-wide SANA learned only the mean depth map
+    # (docs/tiny_demo.md: what was measured).
+    sana = dict(in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=16, num_layers=4,
+                num_cross_attention_heads=4, cross_attention_head_dim=16, cross_attention_dim=64,
                 caption_channels=24, mlp_ratio=2.5, dropout=0.0, attention_bias=False, sample_size=8,
-                patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=None,
+                patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=1,
                 qk_norm="rms_norm_across_heads" if variant == "l1024" else None)   # the variant's structure
     vae = dict(in_channels=3, latent_channels=8, attention_head_dim=8,
                encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
@@ -212,8 +218,8 @@ def _tiny(vocab_size: int, image_token_id: int, variant: str = DEFAULT_VARIANT) 
                encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
                upsample_block_type="interpolate", downsample_block_type="conv",
                decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
-    return OpenUniArch(internvl=internvl, connector=connector, sana=sana, vae=vae, num_queries=8,
-                       vit_image_size=56, gen_image_size=32, image_seq_length=4)
+    return OpenUniArch(internvl=internvl, connector=connector, sana=sana, vae=vae, num_queries=16,
+                       vit_image_size=56, gen_image_size=32, image_seq_length=16)
 
 
 def smoke(arch: OpenUniArch) -> OpenUniArch:
