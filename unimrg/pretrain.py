@@ -99,13 +99,18 @@ def caption(scene: Scene) -> str:
     return (", ".join(names[:-1]) + " and " + names[-1]) if len(names) > 1 else names[0]
 
 
-def _images(scenes: list[Scene], size: int) -> torch.Tensor:
-    """uint8 (N, 3, size, size) (scenes rendered at their own size, resized if it differs)."""
-    x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).contiguous()
+def _stack(arrays: list[np.ndarray], size: int) -> torch.Tensor:
+    """(H, W, 3) uint8 arrays → uint8 (N, 3, size, size), resized (bilinear, antialiased) if they differ."""
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     if x.shape[-1] != size:
         x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         x = x.round().clamp(0, 255).to(torch.uint8)
     return x
+
+
+def _images(scenes: list[Scene], size: int) -> torch.Tensor:
+    """uint8 (N, 3, size, size) (scenes rendered at their own size, resized if it differs)."""
+    return _stack([s.image for s in scenes], size)
 
 
 def tokenizer_images(scenes: list[Scene], size: int, maps: bool = True) -> torch.Tensor:
@@ -115,17 +120,11 @@ def tokenizer_images(scenes: list[Scene], size: int, maps: bool = True) -> torch
     scene pictures alone does not (measured: 0.88 depth_similarity of its own depth-map reconstructions,
     below a constant mean depth map's 0.95), and a frozen tokenizer that cannot draw a depth map caps what
     post-training can show. The UMM itself never sees a depth or segmentation prompt before post-training."""
-    def maps(arrays: list[np.ndarray]) -> torch.Tensor:
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-        if x.shape[-1] != size:
-            x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            x = x.round().clamp(0, 255).to(torch.uint8)
-        return x
     pictures = _images(scenes, size)
     if not maps:
         return pictures
-    depth = maps([np.repeat((s.depth * 255).round().astype(np.uint8)[..., None], 3, axis=2) for s in scenes])
-    return torch.cat([pictures, pictures, depth, maps([s.boundary for s in scenes])])
+    depth = _stack([np.repeat((s.depth * 255).round().astype(np.uint8)[..., None], 3, axis=2) for s in scenes], size)
+    return torch.cat([pictures, pictures, depth, _stack([s.boundary for s in scenes], size)])
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
