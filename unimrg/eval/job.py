@@ -62,7 +62,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--num-scenes", type=int, default=64, help="scenes suite: held-out scenes")
     ap.add_argument("--limit", type=int, default=0, help="first N items only (0 = all)")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    # 32: a scene answer ("The yellow cylinder.") is 20 tokens + end with the tiny byte tokenizers; 16 cut it
+    # and scored it wrong. The scenes suite refuses a limit shorter than its longest answer (check_answer_room).
+    ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="output folder (default RUN/eval)")
     return ap.parse_args(argv)
@@ -269,6 +271,19 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_answer_room(model, answers: Sequence[str], max_new_tokens: int) -> None:
+    """Greedy answers stop at ``max_new_tokens``: a limit shorter than a reference answer scores a right
+    answer wrong (the scenes suite's closer accuracy read 12 % for that reason alone). Refuse it."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None or not answers:
+        return
+    need, longest = max((len(tok(a, add_special_tokens=False)["input_ids"]) + 1, a) for a in answers)
+    if need > max_new_tokens:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} cuts scene answers: {longest!r} takes {need} tokens "
+                         f"(with its end token) with {model.cfg.name}'s tokenizer; use --max-new-tokens {need} "
+                         "or more")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import torch.distributed as dist
 
@@ -289,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = registry.build_model(cfg.model)
     weights = load_weights(model, cfg, args.weights)
     model = model.to(device=device, dtype=dtype).eval()
+    if args.suite == "scenes":
+        check_answer_room(model, [q[3] for q in extra], args.max_new_tokens)
     worker = Worker(args, cfg, model, device)
     batches = [units[i:i + args.batch_size] for i in range(0, len(units), args.batch_size)]
     mine: dict[str, dict] = {}
