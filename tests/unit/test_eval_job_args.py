@@ -59,7 +59,7 @@ def test_map_suite_on_a_folder_needs_its_target_maker(tmp_path):
 @pytest.mark.parametrize("model", ["openuni", "harmon", "showo", "janus"])
 def test_scenes_suite_refuses_a_token_limit_that_cuts_its_answers(model):
     """A limit below the longest scene answer scored right answers wrong (closer accuracy 12 %): refused, with
-    the number to use; the default and the tiny recipes' in-training limit leave room."""
+    the number to use; the default and the demo's in-training limit leave room."""
     from unimrg.config import recipe_path
     from unimrg.config import load_config
     from unimrg.data.scenes import make_scene
@@ -71,4 +71,4 @@ def test_scenes_suite_refuses_a_token_limit_that_cuts_its_answers(model):
     with pytest.raises(ValueError, match=r"--max-new-tokens 16 cuts scene answers: .* use --max-new-tokens \d+"):
         check_answer_room(m, answers + ["The yellow cylinder."], 16)
     check_answer_room(m, answers + ["The yellow cylinder."], job_args(["--config", "x", "--suite", "scenes"]).max_new_tokens)
-    check_answer_room(m, answers + ["The yellow cylinder."], cfg.eval.max_new_tokens)
+    check_answer_room(m, answers + ["The yellow cylinder."], load_config(recipe_path("openuni", "demo"), []).eval.max_new_tokens)
