@@ -45,8 +45,9 @@ def run_both(run_dir: Path, suite: str, *argv: str) -> dict:
 
 @pytest.mark.parametrize("model", ["openuni", "harmon", "showo", "janus"])
 def test_scenes_same_at_world_size_1_and_2(tmp_path, model):
+    # 24 new tokens: room for the longest scene answer (a shorter limit is refused)
     report = run_both(tmp_path / "run", "scenes", "--model", model, "--recipe", "tiny", "--weights", "none",
-                      "--", "--num-scenes", "2", "--max-new-tokens", "24")   # room for the longest scene answer (refused otherwise)
+                      "--", "--num-scenes", "2", "--max-new-tokens", "24")
     m = report["metrics"]
     assert report["items"] == report["scored"] == 2 + 8 and not report["skipped"]   # 2 maps + 4 questions each
     assert {"depth_similarity", "seg_boundary_f1", "recon_psnr", "und_accuracy", "und_accuracy/closer",
@@ -122,7 +123,7 @@ def test_checkpoint_folder_and_final_export_give_the_same_numbers(tmp_path):
     reports = []
     for weights, out in ((str(ckpt), "ckpt"), ("auto", "final")):
         submit("--suite", "scenes", "--run-dir", str(run), "--weights", weights, "--out", str(run / out),
-               "--", "--num-scenes", "1", "--max-new-tokens", "24")   # room for the longest scene answer (refused otherwise)
+               "--", "--num-scenes", "1", "--max-new-tokens", "24")   # room for the longest scene answer
         reports.append(json.loads((run / out / "scenes.json").read_text()))
     assert reports[0]["weights"] == str(ckpt) and reports[1]["weights"] == str(run / "final" / "model.pt")
     assert reports[0]["metrics"] == reports[1]["metrics"]

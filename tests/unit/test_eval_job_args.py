@@ -60,15 +60,17 @@ def test_map_suite_on_a_folder_needs_its_target_maker(tmp_path):
 def test_scenes_suite_refuses_a_token_limit_that_cuts_its_answers(model):
     """A limit below the longest scene answer scored right answers wrong (closer accuracy 12 %): refused, with
     the number to use; the default and the demo's in-training limit leave room."""
-    from unimrg.config import recipe_path
-    from unimrg.config import load_config
+    from unimrg.config import load_config, recipe_path
     from unimrg.data.scenes import make_scene
     from unimrg.eval.job import check_answer_room
     from unimrg.models import registry
     cfg = load_config(recipe_path(model, "tiny"), ["model.base=none"], model=model)
     m = registry.adapter_class(model)(cfg.model)
     answers = [t["value"] for i in range(64) for t in make_scene(0, 1_000_000 + i, 16).conversation[1::2]]
+    answers.append("The yellow cylinder.")   # the longest answer the scenes can have
     with pytest.raises(ValueError, match=r"--max-new-tokens 16 cuts scene answers: .* use --max-new-tokens \d+"):
-        check_answer_room(m, answers + ["The yellow cylinder."], 16)
-    check_answer_room(m, answers + ["The yellow cylinder."], job_args(["--config", "x", "--suite", "scenes"]).max_new_tokens)
-    check_answer_room(m, answers + ["The yellow cylinder."], load_config(recipe_path("openuni", "demo"), []).eval.max_new_tokens)
+        check_answer_room(m, answers, 16)
+    suite_default = job_args(["--config", "x", "--suite", "scenes"]).max_new_tokens
+    demo_in_training = load_config(recipe_path("openuni", "demo"), []).eval.max_new_tokens
+    check_answer_room(m, answers, suite_default)
+    check_answer_room(m, answers, demo_in_training)

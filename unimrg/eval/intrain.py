@@ -55,7 +55,7 @@ class EvalConfig:
     source: str = "scenes"        # "scenes" | a prepared data root (depth/, seg/) | an image folder
     seed: int = 0                 # sampler seed
     batch_size: int = 4           # images per sampler / answer call on one rank
-    max_new_tokens: int = 12      # greedy answer length (scene answers are a few words; 21 byte tokens with tiny byte tokenizers)
+    max_new_tokens: int = 12      # greedy answer length (scene answers: a few words, ≤ 21 byte tokens)
     sampler: dict[str, Any] = field(default_factory=dict)   # adapter sampler options, e.g. {num_steps: 20}
 
 
