@@ -90,3 +90,22 @@ def test_due_every_n_steps_and_at_the_stage_end():
     ev = lambda every: Evaluator(EvalConfig(every=every), ["und"], 32, 0, None, 0, 1)   # noqa: E731
     assert [s for s in range(1, 26) if ev(10).due(s, 25)] == [10, 20, 25]
     assert not any(ev(0).due(s, 25) for s in range(1, 26))              # eval.every=0: off, stage end too
+
+
+def test_a_short_answer_limit_is_named_once_with_the_limit_that_fits(tmp_path, capsys):
+    """The in-training twin of the scenes suite's refusal: training goes on, but und_accuracy would score
+    cut answers wrong without a word (8 byte tokens cannot hold "The red cube." and its end token)."""
+    from unimrg.models import registry
+    cfg = load_config(RECIPES / "openuni_tiny.yaml", ["model.base=none"])
+    model = registry.adapter_class("openuni")(cfg.model)
+    ev = Evaluator(EvalConfig(num_images=8, max_new_tokens=8), ["und"], 32, 0, tmp_path, 0, 1)
+    ev.data = build_eval_set(ev.cfg, 32)
+    cut = ev.warn_cut_answers(model)
+    longest = max(len(model.tokenizer(q[3], add_special_tokens=False)["input_ids"]) + 1 for q in ev.data.questions)
+    assert 0 < cut < len(ev.data.questions)
+    out = capsys.readouterr().out
+    assert f"eval.max_new_tokens=8 cuts {cut} of {len(ev.data.questions)}" in out
+    assert f"eval.max_new_tokens={longest} leaves room" in out
+    roomy = Evaluator(EvalConfig(num_images=8, max_new_tokens=longest), ["und"], 32, 0, tmp_path, 0, 1)
+    roomy.data = ev.data
+    assert roomy.warn_cut_answers(model) == 0 and capsys.readouterr().out == ""

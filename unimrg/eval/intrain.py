@@ -33,6 +33,7 @@ import json
 import math
 import tarfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,18 @@ def build_eval_set(cfg: EvalConfig, size: int, scene_seed: int = 0) -> EvalSet:
     return EvalSet([p.stem for p in files], load_images(files, size), {}, questions, qa_images)
 
 
+def answer_room(model, answers: Sequence[str], max_new_tokens: int) -> tuple[int, int, str]:
+    """How many reference ``answers`` do not fit in ``max_new_tokens`` greedy tokens with the model's
+    tokenizer (each needs its end token too), the tokens the longest needs, and that answer. (0, 0, "")
+    for a model without a tokenizer."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None or not answers:
+        return 0, 0, ""
+    needs = [(len(tok(a, add_special_tokens=False)["input_ids"]) + 1, a) for a in answers]
+    need, longest = max(needs)
+    return sum(n > max_new_tokens for n, _ in needs), need, longest
+
+
 def _shard(n: int, rank: int, world: int) -> list[int]:
     """Indices for ``rank``: every world-th item, padded (repeating its last, or item 0) so that every
     rank holds ceil(n / world) items — the same number of module calls on all ranks."""
@@ -152,6 +165,7 @@ class Evaluator:
         self.run_dir, self.rank, self.world, self.writer, self.zero3 = run_dir, rank, world, writer, zero3
         self.data: EvalSet | None = None
         self.seconds: list[float] = []
+        self.cut = 0                              # reference answers longer than eval.max_new_tokens
 
     def due(self, step: int, last: int) -> bool:
         return self.cfg.every > 0 and (step % self.cfg.every == 0 or step == last)
@@ -162,9 +176,10 @@ class Evaluator:
 
         from unimrg.eval import sample as S
         t0 = time.time()
-        if self.data is None:
-            self.data = build_eval_set(self.cfg, self.size, self.scene_seed)
         d, cfg, model = self.data, self.cfg, engine.module
+        if d is None:
+            d = self.data = build_eval_set(self.cfg, self.size, self.scene_seed)
+            self.cut = self.warn_cut_answers(model)
         prompts = S.default_prompts()
         own = [p for p in model.parameters(recurse=False)]
         gen, answers = {}, {}
@@ -191,6 +206,18 @@ class Evaluator:
         seconds = torch.tensor([time.time() - t0], dtype=torch.float64)
         dist.broadcast(seconds, src=0)
         return float(seconds.item())
+
+    def warn_cut_answers(self, model) -> int:
+        """Training goes on with a short ``eval.max_new_tokens`` (it is the user's time budget), but the
+        und_accuracy it prints then scores answers that cannot fit as wrong: say so once, with the number
+        that fits. Returns how many reference answers are cut (also in each metrics.json)."""
+        answers = [q[3] for q in self.data.questions]
+        cut, need, longest = answer_room(model, answers, self.cfg.max_new_tokens)
+        if cut and self.rank == 0:
+            print(f"eval: eval.max_new_tokens={self.cfg.max_new_tokens} cuts {cut} of {len(answers)} reference "
+                  f"answers ({longest!r} needs {need} tokens with its end token): und_accuracy scores them wrong; "
+                  f"eval.max_new_tokens={need} leaves room", flush=True)
+        return cut
 
     def report(self, step: int, gen: dict[int, dict[str, torch.Tensor]], answers: dict[int, str],
                seconds: float) -> dict[str, float]:
@@ -224,7 +251,7 @@ class Evaluator:
                 x = t[i].float().expand(3, -1, -1).clamp(0, 1)
                 Image.fromarray((x * 255).round().byte().permute(1, 2, 0).numpy()).save(folder / f"{key}_{col}.png")
         (folder / "metrics.json").write_text(json.dumps({
-            "step": step, **scalars, "answers": [
+            "step": step, **scalars, "answers_cut_by_max_new_tokens": self.cut, "answers": [
                 {"type": q[1], "question": q[2], "reference": q[3], "answer": answers[i]}
                 for i, q in enumerate(d.questions)]}, indent=1))
         if self.writer is not None:

@@ -274,11 +274,9 @@ def markdown(report: dict) -> str:
 def check_answer_room(model, answers: Sequence[str], max_new_tokens: int) -> None:
     """Greedy answers stop at ``max_new_tokens``: a limit shorter than a reference answer scores a right
     answer wrong (the scenes suite's closer accuracy read 12 % for that reason alone). Refuse it."""
-    tok = getattr(model, "tokenizer", None)
-    if tok is None or not answers:
-        return
-    need, longest = max((len(tok(a, add_special_tokens=False)["input_ids"]) + 1, a) for a in answers)
-    if need > max_new_tokens:
+    from unimrg.eval.intrain import answer_room
+    cut, need, longest = answer_room(model, answers, max_new_tokens)
+    if cut:
         raise ValueError(f"--max-new-tokens {max_new_tokens} cuts scene answers: {longest!r} takes {need} tokens "
                          f"(with its end token) with {model.cfg.name}'s tokenizer; use --max-new-tokens {need} "
                          "or more")
