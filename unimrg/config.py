@@ -85,6 +85,9 @@ class TrainConfig:
     # a rank making no progress this long (stuck in a collective, the data, the file system) logs
     # its rank and phase and exits non-zero, so the job ends (0 = off); covers a checkpoint save too
     hang_timeout_s: float = 900
+    # start-up (model, engine, a resume load, loader workers) and each stage's first optimizer step (its first
+    # batch, first collectives, e.g. NCCL communicator set-up) get this long instead (the larger of the two)
+    startup_timeout_s: float = 1800
     max_skipped_steps: int = 3        # more consecutive skipped steps (non-finite loss/grads) stop the run
     debug_fault: str = ""             # TEST HOOK (unimrg/faults.py): inject an exception, hang or NaN
 
@@ -372,6 +375,9 @@ def validate(cfg: Config, dp_size: int) -> BatchPlan:
         raise ConfigError(f"train.zero_stage={t.zero_stage}: use 1, 2 or 3")
     if t.steps < 1 or t.stop_after < 0:
         raise ConfigError(f"train.steps={t.steps} must be ≥ 1 and train.stop_after={t.stop_after} ≥ 0")
+    if t.startup_timeout_s < 0:
+        raise ConfigError(f"train.startup_timeout_s={t.startup_timeout_s} must be ≥ 0 (it is the start-up's "
+                          "allowance; train.hang_timeout_s=0 turns the watchdog off)")
     if t.hang_timeout_s < 0 or t.max_skipped_steps < 0:
         raise ConfigError(f"train.hang_timeout_s={t.hang_timeout_s} and train.max_skipped_steps="
                           f"{t.max_skipped_steps} must be ≥ 0 (hang_timeout_s=0 turns the watchdog off)")

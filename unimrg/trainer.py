@@ -57,13 +57,17 @@ class Watchdog(threading.Thread):
     """Turns a rank that makes no progress for ``timeout_s`` into a logged error and a non-zero exit.
 
     The trainer calls ``progress(phase)`` as it moves (a tuple assignment: nothing on the hot path);
-    if the phase has not changed for ``timeout_s`` the thread prints the rank, the phase and every
-    thread's Python stack, and ends the process, so torchrun / ``srun --kill-on-bad-exit`` end the job."""
+    if the phase has not changed for its limit the thread prints the rank, the phase and every thread's
+    Python stack, and ends the process, so torchrun / ``srun --kill-on-bad-exit`` end the job. Start-up
+    phases and each stage's first step (``startup=True``) get ``startup_s`` (at least ``timeout_s``):
+    a first batch from freshly spawned loader workers, or the first collective of 64 ranks, is slow but
+    not stuck, and a short ``train.hang_timeout_s`` must not end a run there."""
 
-    def __init__(self, timeout_s: float, rank: int | str):
+    def __init__(self, timeout_s: float, rank: int | str, startup_s: float = 0.0):
         super().__init__(daemon=True, name="unimrg-watchdog")
         self.timeout_s, self.rank = timeout_s, rank
-        self.state = ("start-up", time.monotonic())
+        self.startup_s = max(startup_s, timeout_s)
+        self.state = ("start-up", time.monotonic(), self.startup_s)
         self.done = threading.Event()
         if timeout_s > 0:
             self.start()
@@ -72,15 +76,16 @@ class Watchdog(threading.Thread):
     def phase(self) -> str:
         return self.state[0]
 
-    def progress(self, phase: str) -> None:
-        self.state = (phase, time.monotonic())
+    def progress(self, phase: str, startup: bool = False) -> None:
+        self.state = (phase, time.monotonic(), self.startup_s if startup else self.timeout_s)
 
     def run(self) -> None:
         while not self.done.wait(min(1.0, self.timeout_s / 4)):
-            phase, since = self.state
-            if time.monotonic() - since > self.timeout_s:
+            phase, since, limit = self.state
+            if time.monotonic() - since > limit:
+                setting = "train.startup_timeout_s" if limit > self.timeout_s else "train.hang_timeout_s"
                 print(f"rank {self.rank}: error: stuck in {phase} for {time.monotonic() - since:.0f} s "
-                      f"(train.hang_timeout_s={self.timeout_s:g}); exiting so the job ends. Python stacks:",
+                      f"({setting}={limit:g}); exiting so the job ends. Python stacks:",
                       file=sys.stderr, flush=True)
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stdout.flush()
@@ -183,7 +188,7 @@ class Trainer:
 
         # Same seed on every rank for the weights; per-rank seeds for noise, masks and prompts.
         torch.manual_seed(cfg.train.seed)
-        self.watchdog.progress("start-up: building the model and the DeepSpeed engine")
+        self.watchdog.progress("start-up: building the model and the DeepSpeed engine", startup=True)
         model = build_model(cfg.model)   # DeepSpeed casts it to bf16 if train.precision says so
         model.apply_freezing([name for f in stage.freeze for name in
                               (model.understanding_module_names() if f == "understanding" else [f])])
@@ -202,7 +207,7 @@ class Trainer:
         self.ds_config = eng.resolve_ds_config(cfg, self.plan)
         self.engine = eng.Engine(model, self.ds_config, optimizer,
                                  lr_lambda(cfg, self.stage_end - self.stage_start))
-        self.watchdog.progress("start-up: starting the data loaders")
+        self.watchdog.progress("start-up: starting the data loaders", startup=True)
         self.objective = Objective(cfg.objective, seed=cfg.train.seed + self.rank)
         # Each task's data is sharded over the ranks that run it (all ranks unless task-parallel).
         self.my_tasks = self.plan.rank_tasks(self.rank)
@@ -236,7 +241,7 @@ class Trainer:
         self.set_aside_rows_after(metrics_path, state["step"])
         self.metrics = open(metrics_path, "a")
         if self.resume_from is not None:
-            self.watchdog.progress(f"start-up: loading {self.resume_from}")
+            self.watchdog.progress(f"start-up: loading {self.resume_from}", startup=True)
             self.load(self.resume_from, state, engine_state=not self.new_stage)
         self.evaluator = Evaluator(cfg.eval, self.objective.tasks, cfg.model.image_size, cfg.data.scene_seed,
                                    self.run_dir, self.rank, self.world, self.writer, cfg.train.zero_stage == 3)
@@ -251,6 +256,7 @@ class Trainer:
                   f"{self.plan.describe(self.objective.tasks)}; steps {self.step}→{last}"
                   f"{f' (resumed from {self.resume_from})' if self.resume_from else ''}")
         t_start, step_start = time.time(), self.step
+        self.first_step = self.step      # its phases are start-up for the watchdog (train.startup_timeout_s)
         while self.step < last:
             t0 = time.time()
             losses, counts = self.train_step()
@@ -295,13 +301,14 @@ class Trainer:
         for micro in range(self.plan.grad_accum):
             tasks = self.plan.micro_step_tasks(self.rank, micro)
             where = f"step {self.step + 1} (task {'+'.join(tasks)})"
-            self.watchdog.progress(f"loading the data of {where}")
+            first = self.step == self.first_step               # this stage's first step: still start-up
+            self.watchdog.progress(f"loading the data of {where}", startup=first)
             with self.streams(tasks):
                 batches = [self.objective.add_prompts(self.loaders.next(t)) for t in tasks]
                 if self.batch_shapes is not None:
                     for b in batches:
                         self.batch_shapes.setdefault(b.task, batch_shapes(b))
-                self.watchdog.progress(f"forward of {where}")
+                self.watchdog.progress(f"forward of {where}", startup=first)
                 task_losses = self.debug_fault(self.engine(batches))
             loss = self.objective.total(task_losses) * self.plan.loss_scale
             if self.plan.placement == "task_parallel" and micro == self.plan.grad_accum - 1:
@@ -309,9 +316,9 @@ class Trainer:
                 # every rank must hold one for every trainable parameter, including those its tasks
                 # never touch (zero), or the ranks' reduction buckets would differ.
                 loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in self.trainable if p.numel())
-            self.watchdog.progress(f"backward of {where}")
+            self.watchdog.progress(f"backward of {where}", startup=first)
             self.engine.backward(loss)
-            self.watchdog.progress(f"optimizer step of {where}")
+            self.watchdog.progress(f"optimizer step of {where}", startup=first)
             self.engine.step()
             for b in batches:
                 counts[b.task] += len(b)
@@ -597,11 +604,11 @@ def run(cfg: Config) -> int:
 
     On an exception: log it with the rank and phase, clean up without collectives, abort the process
     group and re-raise (launch/train.py then exits at once; under submitit the error is recorded)."""
-    watchdog = Watchdog(cfg.train.hang_timeout_s, os.environ.get("RANK", "0"))
+    watchdog = Watchdog(cfg.train.hang_timeout_s, os.environ.get("RANK", "0"), cfg.train.startup_timeout_s)
     trainer = None
     try:
         while True:
-            watchdog.progress("start-up (model, engine, data loaders, resume)")
+            watchdog.progress("start-up (model, engine, data loaders, resume)", startup=True)
             trainer = Trainer(cfg, watchdog)
             code = trainer.fit()
             more = code == 0 and trainer.next_stage()

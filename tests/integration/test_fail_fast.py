@@ -86,13 +86,13 @@ def test_exception_on_rank1_ends_job_fast_and_last_checkpoint_resumes_exactly(tm
 
 
 def test_watchdog_ends_a_hung_rank_naming_rank_and_phase(tmp_path, scene_root):
-    # rank 1 sleeps in step 3's first forward; rank 0 then waits for it in the gradient all-reduce
-    # 45 s, not less: on a loaded 2-core machine the first data load alone took over 20 s (the watchdog then
-    # rightly fired in "loading the data of step 1", not where this test hangs a rank)
-    proc, err = start(tmp_path / "run", scene_root, "train.steps=5", "train.hang_timeout_s=45",
+    # rank 1 sleeps in step 3's first forward; rank 0 then waits for it in the gradient all-reduce.
+    # 15 s is shorter than start-up and the first data load take on a loaded 2-core machine (over 20 s
+    # measured): those are train.startup_timeout_s's, so the watchdog must fire at step 3, not before.
+    proc, err = start(tmp_path / "run", scene_root, "train.steps=5", "train.hang_timeout_s=15",
                       "train.debug_fault=hang@3:rank1")
-    log = ends_within(proc, err, "error: stuck in", 60, startup=600)
-    assert "(train.hang_timeout_s=45); exiting so the job ends. Python stacks:" in log
+    log = ends_within(proc, err, "error: stuck in", 30, startup=600)
+    assert "(train.hang_timeout_s=15); exiting so the job ends. Python stacks:" in log
     assert re.search(r"rank [01]: error: stuck in (forward|backward|optimizer step) of step 3 \(task und\) "
                      r"for \d+ s", log), log[-4000:]
     assert 'File "' in log.split("Python stacks:")[1]   # where the main thread was stuck

@@ -5,6 +5,10 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import pytest
 
 from unimrg.config import ConfigError, load_config, recipe_path, validate
@@ -27,8 +31,32 @@ def test_fault_grammar():
 @pytest.mark.parametrize("override,field", [("train.debug_fault=nan@", "train.debug_fault"),
                                             ("train.debug_fault=nan@3:vqa", "is not in objective.tasks"),
                                             ("train.hang_timeout_s=-1", "train.hang_timeout_s"),
+                                            ("train.startup_timeout_s=-1", "train.startup_timeout_s"),
                                             ("train.max_skipped_steps=-1", "train.max_skipped_steps")])
 def test_bad_fail_fast_fields_are_rejected_by_validate(override, field):
     cfg = load_config(recipe_path("openuni", "tiny"), [override], model="openuni")
     with pytest.raises(ConfigError, match=field):
         validate(cfg, dp_size=2)
+
+
+WATCHDOG = """
+import sys, time
+from unimrg.trainer import Watchdog
+w = Watchdog(1.0, 7, startup_s=4.0)
+w.progress("start-up: starting the data loaders", startup=True)
+time.sleep(2.5)                       # past hang_timeout_s, within the start-up allowance
+print("alive after start-up", flush=True)
+w.progress("forward of step 3 (task und)")
+time.sleep(10)
+print("not ended", flush=True)
+"""
+
+
+def test_watchdog_gives_start_up_its_own_allowance_then_ends_a_stuck_step():
+    """A slow start-up (first batch, first collectives) is not a hang; a step stuck past
+    train.hang_timeout_s ends the process naming rank, phase and the setting (a real thread, a real exit)."""
+    res = subprocess.run([sys.executable, "-c", WATCHDOG], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "alive after start-up" in res.stdout and "not ended" not in res.stdout
+    assert re.search(r"rank 7: error: stuck in forward of step 3 \(task und\) for \d+ s \(train.hang_timeout_s=1\); "
+                     "exiting", res.stderr), res.stderr

@@ -44,7 +44,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 
@@ -155,6 +154,7 @@ class Harmon(UMMAdapter):
                        attn_drop=cfg.attn_dropout, proj_drop=cfg.proj_dropout)
         self.proj_in = _mlp(width, hidden, hidden)
         self.proj_out = _mlp(hidden, hidden, width)
+        from diffusers import AutoencoderKL    # here, not at the top: see OpenUni.__init__ (launch time)
         self.vae = AutoencoderKL(**arch.vae)
         self.set_gradient_checkpointing(cfg.gradient_checkpointing)
         self._mask_dist = None   # scipy truncnorm, built on first use

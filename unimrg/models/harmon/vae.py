@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKL
 
 from unimrg.models.official_io import LoadReport, load_checked, read_state_dict
+
+if TYPE_CHECKING:                       # imported where a VAE is built (diffusers takes seconds to import)
+    from diffusers import AutoencoderKL
 
 VAE_SCALE = 0.2325      # Harmon configs `vae_scale`
 VAE_STRIDE = 16

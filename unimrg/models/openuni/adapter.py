@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderDC, SanaTransformer2DModel
 from torch import nn
 from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerBase
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
@@ -116,6 +115,9 @@ class OpenUni(UMMAdapter):
         # proj_type "enc_proj": connector at LLM width, then Linear to SANA's caption channels.
         self.projector = nn.Linear(arch.connector.hidden_size, arch.sana["caption_channels"])
         # --- generator ------------------------------------------------------------------------------
+        # diffusers is imported here, not at the top: submit.py imports every adapter on the login node for
+        # its batch / sequence plan, and diffusers' import (~3 s, torch._dynamo) would be paid on each launch.
+        from diffusers import AutoencoderDC, SanaTransformer2DModel
         self.transformer = SanaTransformer2DModel(**arch.sana)
         self.vae = AutoencoderDC(**arch.vae)
         self._schedule: tuple[torch.Tensor, torch.Tensor] | None = None  # built lazily (meta-safe)
