@@ -137,6 +137,27 @@ def test_understanding_labels_only_on_assistant_turns(model):
     assert not torch.isclose(l1, l2)
 
 
+def test_understanding_loss_is_hfs_full_logit_loss(model):
+    """The head runs only on scored positions; the loss must stay InternVL's own (labels shifted by one,
+    mean over the scored tokens), for a batch with an image and for a text-only row beside one."""
+    batch = und_batch(images())
+    mixed = UnderstandingBatch(images=batch.images, conversations=batch.conversations, keys=batch.keys,
+                               has_image=torch.tensor([True, False]))
+    for b in (batch, mixed):
+        ids, labels, mask = model._conversation_ids(b)
+        with torch.no_grad():
+            cfg = model.lmm.config
+            image = model.lmm.model.get_image_features(
+                pixel_values=model._vit_pixels(b.images, torch.device("cpu"), torch.float32),
+                vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+            image.pooler_output = image.pooler_output[b.image_mask()]
+            hf = model.lmm(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": image}, labels=labels,
+                           use_cache=False).loss
+            ours = model.understanding_loss(b)
+        torch.testing.assert_close(ours, hf, rtol=1e-6, atol=1e-6)
+
+
 def test_bad_batches_fail_clearly(model):
     with pytest.raises(ValueError, match="prompts"):
         model.generation_loss(gen_batch(images(), prompts=["only one"]))

@@ -178,10 +178,16 @@ class OpenUni(UMMAdapter):
             vision_feature_select_strategy=cfg.vision_feature_select_strategy)
         feats = image.pooler_output                                          # (B, image tokens, hidden)
         image.pooler_output = feats[with_image]
-        out = self.lmm(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       mm_encoder_outputs={"image": image} if bool(with_image.any()) else None,
-                       labels=labels.to(device), use_cache=False)
-        loss = out.loss                                                      # fp32 (HF upcasts logits)
+        hidden = self.lmm.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                mm_encoder_outputs={"image": image} if bool(with_image.any()) else None,
+                                use_cache=False).last_hidden_state
+        # HF's causal-LM loss (next-token labels, mean over the scored tokens, fp32 logits) with the head
+        # applied only where an answer token is scored: full logits are (B, 2048, 151,674) floats, 1.2 GB
+        # per sample in fp32, for the few dozen answer tokens a conversation has.
+        labels = labels[:, 1:].to(device)
+        picked = labels != IGNORE_INDEX
+        logits = self.lmm.lm_head(hidden[:, :-1][picked])                   # (n, vocab)
+        loss = nn.functional.cross_entropy(logits.float(), labels[picked])
         if not bool(with_image.all()):
             loss = loss + feats[~with_image].sum() * 0.0
         return loss
