@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 
@@ -55,7 +54,7 @@ from unimrg.models.harmon.arch import ENDOFTEXT, IM_END, IM_START, TINY_SPECIAL_
 from unimrg.models.harmon.mar import MAR
 from unimrg.models.harmon.vae import VAE_STRIDE, load_vae
 from unimrg.models.official_io import LoadReport, load_checked, read_state_dict, write_state_dict
-from unimrg.models.sequences import IGNORE_INDEX, pad_right
+from unimrg.models.sequences import IGNORE_INDEX, next_token_loss, pad_right
 
 log = logging.getLogger(__name__)
 
@@ -235,14 +234,12 @@ class Harmon(UMMAdapter):
             embeds, attn, labels = self._embed_mixed(feats[keep], with_image, rest.to(device), mask.to(device),
                                                      labels)
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attn, use_cache=False).last_hidden_state
-        labels = labels[:, 1:].to(device)
-        picked = labels >= 0
-        if not bool(picked.any()):       # nothing supervised survived truncation: a zero that keeps the graph
+        # Nothing supervised survived truncation: a zero that keeps the graph.
+        if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
             log.warning("Harmon understanding batch %s has no answer tokens within max_length=%d",
                         list(batch.keys)[:3], self.cfg.max_length)
             return hidden.sum() * 0.0 + (0.0 if unused is None else unused)
-        logits = self.llm.lm_head(hidden[:, :-1][picked])                      # (n, vocab), only where needed
-        loss = F.cross_entropy(logits.float(), labels[picked])
+        loss = next_token_loss(self.llm.lm_head, hidden, labels)               # head only where scored
         return loss if unused is None else loss + unused
 
     def generation_loss(self, batch: GenerationBatch) -> torch.Tensor:

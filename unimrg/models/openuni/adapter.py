@@ -28,7 +28,7 @@ from unimrg.data.llava import dialogue_turns
 from unimrg.data.transforms import STRETCH, Fit, ImageTransforms, resize_tensor
 from unimrg.models.base import ModelConfig, Resolution, UMMAdapter
 from unimrg.models.official_io import LoadReport
-from unimrg.models.sequences import IGNORE_INDEX, cut_conversation, pad_right
+from unimrg.models.sequences import IGNORE_INDEX, cut_conversation, next_token_loss, pad_right
 from unimrg.models.openuni.arch import (
     ENDOFTEXT, IM_END, IM_START, IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT, IMG_END, IMG_START, INTERNVL_SYSTEM,
     NUM_TRAIN_TIMESTEPS, OpenUniArch, arch_for, smoke)
@@ -181,13 +181,7 @@ class OpenUni(UMMAdapter):
         hidden = self.lmm.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                 mm_encoder_outputs={"image": image} if bool(with_image.any()) else None,
                                 use_cache=False).last_hidden_state
-        # HF's causal-LM loss (next-token labels, mean over the scored tokens, fp32 logits) with the head
-        # applied only where an answer token is scored: full logits are (B, 2048, 151,674) floats, 1.2 GB
-        # per sample in fp32, for the few dozen answer tokens a conversation has.
-        labels = labels[:, 1:].to(device)
-        picked = labels != IGNORE_INDEX
-        logits = self.lmm.lm_head(hidden[:, :-1][picked])                   # (n, vocab)
-        loss = nn.functional.cross_entropy(logits.float(), labels[picked])
+        loss = next_token_loss(self.lmm.lm_head, hidden, labels)           # InternVL's loss, head on answers only
         if not bool(with_image.all()):
             loss = loss + feats[~with_image].sum() * 0.0
         return loss
