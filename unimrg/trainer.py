@@ -256,10 +256,10 @@ class Trainer:
                   f"{self.plan.describe(self.objective.tasks)}; steps {self.step}→{last}"
                   f"{f' (resumed from {self.resume_from})' if self.resume_from else ''}")
         t_start, step_start = time.time(), self.step
-        self.first_step = self.step      # its phases are start-up for the watchdog (train.startup_timeout_s)
         while self.step < last:
             t0 = time.time()
-            losses, counts = self.train_step()
+            # this launch's first step is still start-up for the watchdog (train.startup_timeout_s)
+            losses, counts = self.train_step(startup=self.step == step_start)
             self.step += 1
             self.watchdog.progress(f"logging / checkpointing after step {self.step}")
             self.log(losses, counts, time.time() - t0, t_start, step_start, last)
@@ -295,20 +295,19 @@ class Trainer:
         stop = self.cfg.train.stop_after
         return self.step == self.stage_end < self.cfg.train.steps and not (stop and self.step >= stop)
 
-    def train_step(self) -> tuple[dict[str, float], dict[str, int]]:
+    def train_step(self, startup: bool = False) -> tuple[dict[str, float], dict[str, int]]:
         self.step_lr = self.engine.lr()   # the rate this step uses (the schedule moves on at its end)
         sums, n_micro, counts = defaultdict(float), defaultdict(int), defaultdict(int)
         for micro in range(self.plan.grad_accum):
             tasks = self.plan.micro_step_tasks(self.rank, micro)
             where = f"step {self.step + 1} (task {'+'.join(tasks)})"
-            first = self.step == self.first_step               # this stage's first step: still start-up
-            self.watchdog.progress(f"loading the data of {where}", startup=first)
+            self.watchdog.progress(f"loading the data of {where}", startup=startup)
             with self.streams(tasks):
                 batches = [self.objective.add_prompts(self.loaders.next(t)) for t in tasks]
                 if self.batch_shapes is not None:
                     for b in batches:
                         self.batch_shapes.setdefault(b.task, batch_shapes(b))
-                self.watchdog.progress(f"forward of {where}", startup=first)
+                self.watchdog.progress(f"forward of {where}", startup=startup)
                 task_losses = self.debug_fault(self.engine(batches))
             loss = self.objective.total(task_losses) * self.plan.loss_scale
             if self.plan.placement == "task_parallel" and micro == self.plan.grad_accum - 1:
@@ -316,9 +315,9 @@ class Trainer:
                 # every rank must hold one for every trainable parameter, including those its tasks
                 # never touch (zero), or the ranks' reduction buckets would differ.
                 loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in self.trainable if p.numel())
-            self.watchdog.progress(f"backward of {where}", startup=first)
+            self.watchdog.progress(f"backward of {where}", startup=startup)
             self.engine.backward(loss)
-            self.watchdog.progress(f"optimizer step of {where}", startup=first)
+            self.watchdog.progress(f"optimizer step of {where}", startup=startup)
             self.engine.step()
             for b in batches:
                 counts[b.task] += len(b)
