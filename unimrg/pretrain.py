@@ -211,11 +211,17 @@ def train_tokenizer(model, p: PretrainConfig, images: torch.Tensor, held_out: to
 
 # ---------------------------------------------------------------------------------------- the UMM
 
-def conversation(scene: Scene) -> list[dict[str, str]]:
-    """The scene's questions plus a caption turn (the released models' captioning data)."""
-    turns = scene.conversation
-    return turns + [{"from": "human", "value": "Describe the image."},
-                    {"from": "gpt", "value": caption(scene)[0].upper() + caption(scene)[1:] + "."}]
+def conversations(scene: Scene) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """The scene's two understanding samples (the released models' captioning + VQA data): a caption turn
+    then the questions, and the questions alone (the way the ``scenes`` suite and benchmarks ask).
+
+    The caption never follows the questions: they name the objects, so a blind LLM could copy the names,
+    and the tiny base did (its held-out captions were not words; docs/tiny_demo.md, "Session 6")."""
+    c = caption(scene)
+    questions = [{"from": t["from"], "value": t["value"].replace("<image>\n", "")} for t in scene.conversation]
+    captioned = [{"from": "human", "value": "<image>\nDescribe the image."},
+                 {"from": "gpt", "value": c[0].upper() + c[1:] + "."}] + questions
+    return captioned, scene.conversation
 
 
 def t2i_prompt(scene: Scene) -> str:
@@ -238,7 +244,7 @@ def train_umm(model, p: PretrainConfig, scenes: list[Scene], images: torch.Tenso
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.umm_lr, total_steps=max(1, p.umm_steps),
                                                 pct_start=0.05)
     g = torch.Generator().manual_seed(p.seed + 1)
-    convs = [conversation(s) for s in scenes]
+    convs = [conversations(s) for s in scenes]
     prompts = [t2i_prompt(s) for s in scenes]
     blank = torch.zeros_like(images[:p.umm_batch])    # text-to-image: no condition image
     model.train()
@@ -246,7 +252,7 @@ def train_umm(model, p: PretrainConfig, scenes: list[Scene], images: torch.Tenso
     for step in range(p.umm_steps):
         a = torch.randint(len(scenes), (p.umm_batch,), generator=g).tolist()
         b = torch.randint(len(scenes), (p.umm_batch,), generator=g).tolist()
-        und = UnderstandingBatch(images=images[a], conversations=[convs[i] for i in a],
+        und = UnderstandingBatch(images=images[a], conversations=[convs[i][k % 2] for k, i in enumerate(a)],
                                  keys=[scenes[i].key for i in a])
         gen = GenerationBatch(task=PIX, images=blank, targets=targets[b], prompts=[prompts[i] for i in b],
                               keys=[scenes[i].key for i in b])

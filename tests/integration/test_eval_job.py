@@ -51,8 +51,11 @@ def test_scenes_same_at_world_size_1_and_2(tmp_path, model):
     m = report["metrics"]
     assert report["items"] == report["scored"] == 2 + 8 and not report["skipped"]   # 2 maps + 4 questions each
     assert {"depth_similarity", "seg_boundary_f1", "recon_psnr", "und_accuracy", "und_accuracy/closer",
-            "und_accuracy/count", "und_accuracy/exists", "und_accuracy/left_right"} <= set(m)
+            "und_accuracy/count", "und_accuracy/exists", "und_accuracy/left_right",
+            "depth_similarity/other_image", "seg_boundary_f1/other_image"} <= set(m)
     assert 0 <= m["depth_similarity"] <= 1 and m["recon_psnr"] > 0
+    # each map against the other scene's target: a different number unless the two targets are equal
+    assert 0 <= m["depth_similarity/other_image"] <= 1 and m["depth_similarity/other_image"] != m["depth_similarity"]
 
 
 def mmbench_fixture(path: Path, broken_image: bool = True) -> None:

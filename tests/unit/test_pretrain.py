@@ -147,3 +147,15 @@ def test_every_tiny_recipe_loads_its_base_completely(model, tmp_path):
     adapter = registry.build_model(cfg.model)
     report = adapter.load_official(cfg.model.checkpoint)
     assert report.ok and len(report.loaded) == len(adapter.state_dict()), (report.missing, report.unexpected)
+
+
+def test_base_asks_for_the_caption_before_any_question_names_an_object():
+    from unimrg.data.scenes import make_scene
+    scene = make_scene(0, 3, 56)
+    captioned, questions = P.conversations(scene)
+    assert captioned[0] == {"from": "human", "value": "<image>\nDescribe the image."}
+    assert captioned[1]["value"].rstrip(".").lower() == P.caption(scene)
+    assert [t["value"] for t in captioned[2:]] == [t["value"].replace("<image>\n", "") for t in questions]
+    assert questions == scene.conversation   # the order the scenes suite asks in
+    for turns in (captioned, questions):
+        assert sum("<image>" in t["value"] for t in turns) == 1 and turns[0]["value"].startswith("<image>\n")
