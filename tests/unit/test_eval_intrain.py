@@ -66,6 +66,9 @@ def test_report_scores_grid_and_pngs(tmp_path):
     answers[0] = "wrong"
     s = ev.report(7, perfect, answers, seconds=1.5)
     assert s["eval/depth_similarity"] == pytest.approx(1.0) and s["eval/recon_psnr"] == 100.0
+    # the exact maps scored against the other scene's: what a map that follows its own image loses
+    swapped = 1 - (d.targets["depth_target"][0] - d.targets["depth_target"][1]).abs().mean()
+    assert s["eval/depth_similarity/other_image"] == pytest.approx(float(swapped)) and float(swapped) < 0.999
     assert "eval/seg_boundary_f1" not in s                   # seg not trained in this stage
     assert s["eval/und_accuracy"] == pytest.approx(7 / 8)
     assert s[f"eval/und_accuracy/{d.questions[0][1]}"] == pytest.approx(0.5)
