@@ -217,11 +217,11 @@ def conversations(scene: Scene) -> tuple[list[dict[str, str]], list[dict[str, st
 
     The caption never follows the questions: they name the objects, so a blind LLM could copy the names,
     and the tiny base did (its held-out captions were not words; docs/tiny_demo.md, "Session 6")."""
-    c = caption(scene)
-    questions = [{"from": t["from"], "value": t["value"].replace("<image>\n", "")} for t in scene.conversation]
+    c, questions = caption(scene), scene.conversation     # (a property: builds the turns on each access)
+    after_caption = [{"from": t["from"], "value": t["value"].replace("<image>\n", "")} for t in questions]
     captioned = [{"from": "human", "value": "<image>\nDescribe the image."},
-                 {"from": "gpt", "value": c[0].upper() + c[1:] + "."}] + questions
-    return captioned, scene.conversation
+                 {"from": "gpt", "value": c[0].upper() + c[1:] + "."}] + after_caption
+    return captioned, questions
 
 
 def t2i_prompt(scene: Scene) -> str:
@@ -252,6 +252,7 @@ def train_umm(model, p: PretrainConfig, scenes: list[Scene], images: torch.Tenso
     for step in range(p.umm_steps):
         a = torch.randint(len(scenes), (p.umm_batch,), generator=g).tolist()
         b = torch.randint(len(scenes), (p.umm_batch,), generator=g).tolist()
+        # even slots the captioned conversation, odd slots the questions alone (``conversations``)
         und = UnderstandingBatch(images=images[a], conversations=[convs[i][k % 2] for k, i in enumerate(a)],
                                  keys=[scenes[i].key for i in a])
         gen = GenerationBatch(task=PIX, images=blank, targets=targets[b], prompts=[prompts[i] for i in b],

@@ -10,8 +10,8 @@ A fixed held-out set of ``eval.num_images`` images goes through the adapter's ow
   generated | recon (``EVAL_COLUMNS``; a task that is not trained, or has no target, is a black column);
   the same grid and every cell as PNGs in ``RUN/eval/step_NNNNNNN/``;
 * ``eval/depth_similarity``, ``eval/seg_boundary_f1``, ``eval/recon_psnr`` (``unimrg.eval.metrics``), the
-  first two also as ``…/other_image`` (each map against the next image's target: the gap says how much the
-  maps follow their own image; ``unimrg.eval.job``), and
+  first two also as ``…/other_image`` (each map against the next image's target:
+  ``unimrg.eval.metrics.OTHER_IMAGE``), and
   ``eval/und_accuracy`` + ``eval/und_accuracy/<question type>`` (closer, count, exists, hallucination,
   left_right), and ``eval/seconds``; the seconds per evaluation are printed.
 
@@ -232,18 +232,13 @@ class Evaluator:
         n = len(d.keys)
         outputs = {t: torch.stack([gen[i][t].float() for i in range(n)]) for t in self.tasks}
         scalars: dict[str, float] = {}
-        # "/other_image": each map against the next image's target, as the eval job's suites do: a map that
-        # ignores its input scores the same both ways.
-        if DEPTH in outputs and "depth_target" in d.targets:
-            t = d.targets["depth_target"]
-            scalars["eval/depth_similarity"] = M.mean(M.depth_similarity(outputs[DEPTH], t))
-            if n > 1:
-                scalars["eval/depth_similarity/other_image"] = M.mean(M.depth_similarity(outputs[DEPTH], t.roll(-1, 0)))
-        if SEG in outputs and "seg_target" in d.targets:
-            t = d.targets["seg_target"]
-            scalars["eval/seg_boundary_f1"] = M.mean(M.seg_boundary_f1(outputs[SEG], t))
-            if n > 1:
-                scalars["eval/seg_boundary_f1/other_image"] = M.mean(M.seg_boundary_f1(outputs[SEG], t.roll(-1, 0)))
+        for task, name, metric in ((DEPTH, "depth_similarity", M.depth_similarity),
+                                   (SEG, "seg_boundary_f1", M.seg_boundary_f1)):
+            t = d.targets.get(f"{task}_target")
+            if task in outputs and t is not None:
+                scalars[f"eval/{name}"] = M.mean(metric(outputs[task], t))
+                if n > 1:   # each map against the next image's target (M.OTHER_IMAGE)
+                    scalars[f"eval/{name}{M.OTHER_IMAGE}"] = M.mean(metric(outputs[task], t.roll(-1, 0)))
         if PIX in outputs:
             scalars["eval/recon_psnr"] = M.mean(M.recon_psnr(outputs[PIX], d.images.float() / 255))
         acc = M.und_accuracy((d.questions[i][1], answers[i], d.questions[i][3]) for i in range(len(d.questions)))

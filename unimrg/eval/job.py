@@ -11,8 +11,8 @@ Suites (``SUITES``):
   exact answers — accuracy per question type (closer, count, exists, hallucination, left_right) — and
   depth_similarity / seg_boundary_f1 / recon_psnr against the scenes' exact maps.
 * with every map metric, ``depth_similarity/other_image`` and ``seg_boundary_f1/other_image``: each generated
-  map scored against the *next* item's target in its batch. A map that ignores its input (e.g. the mean
-  depth map) scores the same both ways, so the gap between the two says how much the maps follow their images.
+  map scored against the *next* item's target in its batch; the gap to the own score is how much the maps
+  follow their images (``unimrg.eval.metrics.OTHER_IMAGE``).
 * ``depth_similarity`` / ``seg_boundary_f1`` / ``recon_psnr`` — on ``--images``: a prepared data root
   (targets from its ``depth/`` / ``seg/`` datasets) or any image folder, whose targets are made here with
   the project's target makers (``--depth-model``: Depth Anything V2, ``--sam-model``: SAM; HF folders).
@@ -49,7 +49,6 @@ from unimrg.eval import benchmarks as B
 from unimrg.tasks import DEPTH, PIX, SEG
 
 MAP_SUITES = {"depth_similarity": DEPTH, "seg_boundary_f1": SEG, "recon_psnr": PIX}
-OTHER = "/other_image"   # depth_similarity/other_image: each map against another item's target (see run_batch)
 SUITES = ("scenes", *MAP_SUITES, *B.BENCHMARKS)
 
 
@@ -233,13 +232,12 @@ class Worker:
                     scores["seg_boundary_f1"] = float(M.seg_boundary_f1(outputs[SEG][j], targets[SEG]))
                 if PIX in outputs:
                     scores["recon_psnr"] = float(M.recon_psnr(outputs[PIX][j], x.float() / 255))
-                # The same map scored against the next item's target: a map that ignores its input (the mean
-                # map) scores the same on both, so the gap to the own score is what follows the image.
-                other = gen[(j + 1) % len(gen)][2]
+                other = gen[(j + 1) % len(gen)][2]          # the next item's targets (M.OTHER_IMAGE)
                 if len(gen) > 1 and DEPTH in outputs and DEPTH in other:
-                    scores[f"depth_similarity{OTHER}"] = float(M.depth_similarity(outputs[DEPTH][j], other[DEPTH]))
+                    scores["depth_similarity" + M.OTHER_IMAGE] = float(M.depth_similarity(outputs[DEPTH][j],
+                                                                                          other[DEPTH]))
                 if len(gen) > 1 and SEG in outputs and SEG in other:
-                    scores[f"seg_boundary_f1{OTHER}"] = float(M.seg_boundary_f1(outputs[SEG][j], other[SEG]))
+                    scores["seg_boundary_f1" + M.OTHER_IMAGE] = float(M.seg_boundary_f1(outputs[SEG][j], other[SEG]))
                 out[u.uid] = scores
         return out
 
@@ -254,10 +252,11 @@ def score(args, units: list[Unit], results: dict[str, dict], extra) -> dict[str,
     if args.suite in B.BENCHMARKS:
         bench, items = extra
         return bench.score(items, {uid: r["answer"] for uid, r in done.items()})
+    from unimrg.eval.metrics import OTHER_IMAGE
     metrics: dict[str, float] = {}
     maps = [done[u.uid] for u in units if u.tasks and u.uid in done]
-    for name in ("depth_similarity", f"depth_similarity{OTHER}", "seg_boundary_f1", f"seg_boundary_f1{OTHER}",
-                 "recon_psnr"):
+    for name in ("depth_similarity", "depth_similarity" + OTHER_IMAGE, "seg_boundary_f1",
+                 "seg_boundary_f1" + OTHER_IMAGE, "recon_psnr"):
         vals = [r[name] for r in maps if name in r]
         if vals:
             metrics[name] = math.fsum(vals) / len(vals)

@@ -19,6 +19,11 @@ and returns one value per image (a (B,) tensor; a scalar tensor for unbatched in
 * ``recon_psnr`` — 10 · log10(1 / MSE) over all channels on [0, 1] (dB), prediction resized to the
   target; identical images give ``max_psnr`` (100 dB) instead of infinity.
 
+``OTHER_IMAGE``: the suffix of a map metric scored against *another* image's target (the eval job pairs
+each item with the next in its batch, the in-training eval with the next held-out image). A map that ignores
+its input (the constant mean depth map) scores the same both ways on average, so the gap between
+``depth_similarity`` and ``depth_similarity/other_image`` is how much the maps follow their own image.
+
 ``answer_correct`` / ``und_accuracy`` score free-form answers to the scene questions
 (``unimrg.data.scenes``): both strings are normalised (lower case, punctuation and articles dropped,
 number words → digits) and the prediction is correct when its first words are the reference's words
@@ -36,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 LUMA = (0.299, 0.587, 0.114)
+OTHER_IMAGE = "/other_image"   # see the module docstring
 MAX_PSNR = 100.0
 
 
