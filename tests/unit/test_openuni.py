@@ -92,6 +92,26 @@ def test_generation_grad_to_projector_option():
     assert not any(n.startswith(("lmm.model.vision_tower.", "vae.")) for n in grads(model))
 
 
+def test_train_flow_shift_moves_the_training_sigmas_toward_noise():
+    """``model.train_flow_shift`` maps the same uniform draw u to σ' = sσ / (1 + (s − 1)σ) (diffusers'
+    flow shift); 1 leaves OpenUni's schedule. Checked on the timesteps the loss hands SANA."""
+    def timesteps_seen(model: OpenUni) -> torch.Tensor:
+        seen = []
+        hook = model.transformer.register_forward_pre_hook(
+            lambda mod, args, kwargs: seen.append(kwargs["timestep"].clone()), with_kwargs=True)
+        torch.manual_seed(5)
+        model.generation_loss(gen_batch(images(4)))
+        hook.remove()
+        return torch.cat(seen)
+
+    plain, shifted = timesteps_seen(build()), timesteps_seen(build(train_flow_shift=6.0))
+    s1, s6 = plain / 1000, shifted / 1000
+    assert torch.allclose(s6, 6 * s1 / (1 + 5 * s1), atol=2e-3)
+    assert (s6 >= s1).all() and s6.mean() > s1.mean()
+    with pytest.raises(ValueError, match="train_flow_shift"):
+        build(train_flow_shift=0.0)
+
+
 def test_deterministic_init():
     a, b, c = build(seed=3).state_dict(), build(seed=3).state_dict(), build(seed=4).state_dict()
     assert a.keys() == b.keys()

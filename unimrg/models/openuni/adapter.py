@@ -57,6 +57,11 @@ class OpenUniConfig(ModelConfig):
     # OpenUni extracts the generation condition (InternViT + mlp1) under no_grad, so mlp1 learns only from
     # the understanding loss; True lets generation losses reach mlp1 as well.
     generation_grad_to_projector: bool = False
+    # Flow shift of the training sigmas (u ~ U[0,1), σ = shift·u / (1 + (shift − 1)·u)). 1 is OpenUni's
+    # fine-tuning (`diff_loss`), which the paper recipes keep; SANA's own pretraining used 3 (Sana configs,
+    # `scheduler.flow_shift`). Larger values spend more samples at high noise, where only the condition can
+    # tell where things are: the tiny recipes set it (launch/recipes/openuni_tiny.yaml says why).
+    train_flow_shift: float = 1.0
 
 
 def build_tokenizer(cfg: OpenUniConfig) -> PreTrainedTokenizerBase | None:
@@ -85,6 +90,9 @@ class OpenUni(UMMAdapter):
     def __init__(self, cfg: OpenUniConfig):
         super().__init__()
         self.cfg = cfg
+        if not cfg.train_flow_shift > 0:
+            raise ValueError(f"OpenUni: model.train_flow_shift must be > 0 (1 = OpenUni's training schedule), "
+                             f"got {cfg.train_flow_shift!r}")
         self.tokenizer = build_tokenizer(cfg)
         tok = self.tokenizer
         if cfg.size == "tiny":
@@ -397,16 +405,19 @@ class OpenUni(UMMAdapter):
         return p.device, p.dtype
 
     def _train_schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(timesteps, sigmas), each (1000,) float32 on CPU: FlowMatchEulerDiscreteScheduler, shift 1."""
+        """(timesteps, sigmas), each (1000,) float32 on CPU: FlowMatchEulerDiscreteScheduler with
+        ``model.train_flow_shift`` (1 = OpenUni's)."""
         if self._schedule is None:
             from diffusers import FlowMatchEulerDiscreteScheduler
             with torch.device("cpu"):  # the model may have been built under a meta/cuda default device
-                s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1.0)
+                s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+                                                    shift=float(self.cfg.train_flow_shift))
                 self._schedule = (s.timesteps.float().cpu(), s.sigmas[:NUM_TRAIN_TIMESTEPS].float().cpu())
         return self._schedule
 
     def _flow_matching_loss(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Rectified flow as OpenUni's `diff_loss`: u ~ U[0,1) (weighting "none"), t = timesteps[u·1000],
+        """Rectified flow as OpenUni's `diff_loss`: u ~ U[0,1) (weighting "none"), t = timesteps[u·1000]
+        (shifted by ``model.train_flow_shift`` when it is not 1),
         z_t = (1−σ)·z + σ·ε, target ε − z, unweighted MSE."""
         timesteps, sigmas = self._train_schedule()
         b = latents.shape[0]
