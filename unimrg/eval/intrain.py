@@ -232,8 +232,7 @@ class Evaluator:
         n = len(d.keys)
         outputs = {t: torch.stack([gen[i][t].float() for i in range(n)]) for t in self.tasks}
         scalars: dict[str, float] = {}
-        for task, name, metric in ((DEPTH, "depth_similarity", M.depth_similarity),
-                                   (SEG, "seg_boundary_f1", M.seg_boundary_f1)):
+        for task, (name, metric) in M.MAP_METRICS.items():
             t = d.targets.get(f"{task}_target")
             if task in outputs and t is not None:
                 scalars[f"eval/{name}"] = M.mean(metric(outputs[task], t))

@@ -226,18 +226,15 @@ class Worker:
             outputs = generate(self.model, images, default_prompts(), seed, tasks=tasks, **self.cfg.eval.sampler)
             for j, (u, x, targets) in enumerate(gen):
                 scores = {}
-                if DEPTH in outputs and DEPTH in targets:
-                    scores["depth_similarity"] = float(M.depth_similarity(outputs[DEPTH][j], targets[DEPTH]))
-                if SEG in outputs and SEG in targets:
-                    scores["seg_boundary_f1"] = float(M.seg_boundary_f1(outputs[SEG][j], targets[SEG]))
+                for task, (name, metric) in M.MAP_METRICS.items():
+                    if task in outputs and task in targets:
+                        scores[name] = float(metric(outputs[task][j], targets[task]))
                 if PIX in outputs:
                     scores["recon_psnr"] = float(M.recon_psnr(outputs[PIX][j], x.float() / 255))
                 other = gen[(j + 1) % len(gen)][2]          # the next item's targets (M.OTHER_IMAGE)
-                if len(gen) > 1 and DEPTH in outputs and DEPTH in other:
-                    scores["depth_similarity" + M.OTHER_IMAGE] = float(M.depth_similarity(outputs[DEPTH][j],
-                                                                                          other[DEPTH]))
-                if len(gen) > 1 and SEG in outputs and SEG in other:
-                    scores["seg_boundary_f1" + M.OTHER_IMAGE] = float(M.seg_boundary_f1(outputs[SEG][j], other[SEG]))
+                for task, (name, metric) in M.MAP_METRICS.items():
+                    if len(gen) > 1 and task in outputs and task in other:
+                        scores[name + M.OTHER_IMAGE] = float(metric(outputs[task][j], other[task]))
                 out[u.uid] = scores
         return out
 
@@ -252,11 +249,10 @@ def score(args, units: list[Unit], results: dict[str, dict], extra) -> dict[str,
     if args.suite in B.BENCHMARKS:
         bench, items = extra
         return bench.score(items, {uid: r["answer"] for uid, r in done.items()})
-    from unimrg.eval.metrics import OTHER_IMAGE
+    from unimrg.eval.metrics import MAP_METRICS, OTHER_IMAGE
     metrics: dict[str, float] = {}
     maps = [done[u.uid] for u in units if u.tasks and u.uid in done]
-    for name in ("depth_similarity", "depth_similarity" + OTHER_IMAGE, "seg_boundary_f1",
-                 "seg_boundary_f1" + OTHER_IMAGE, "recon_psnr"):
+    for name in [n for name, _ in MAP_METRICS.values() for n in (name, name + OTHER_IMAGE)] + ["recon_psnr"]:
         vals = [r[name] for r in maps if name in r]
         if vals:
             metrics[name] = math.fsum(vals) / len(vals)

@@ -40,6 +40,8 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from unimrg.tasks import DEPTH, SEG
+
 LUMA = (0.299, 0.587, 0.114)
 OTHER_IMAGE = "/other_image"   # see the module docstring
 MAX_PSNR = 100.0
@@ -130,6 +132,11 @@ def recon_psnr(pred, target, max_psnr: float = MAX_PSNR) -> torch.Tensor:
     out = torch.where(mse > 0, -10 * torch.log10(mse.clamp(min=1e-300)), torch.full_like(mse, max_psnr))
     out = out.clamp(max=max_psnr).float()
     return out if batched else out[0]
+
+
+# The map metrics scored against a task's target maps (and, with OTHER_IMAGE, against another image's):
+# task → (metric name, metric). recon_psnr is scored against the input image instead.
+MAP_METRICS = {DEPTH: ("depth_similarity", depth_similarity), SEG: ("seg_boundary_f1", seg_boundary_f1)}
 
 
 # ---- scene questions ------------------------------------------------------------------------------
