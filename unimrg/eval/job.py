@@ -46,9 +46,11 @@ import torch
 from PIL import Image
 
 from unimrg.eval import benchmarks as B
+from unimrg.eval import metrics as M
 from unimrg.tasks import DEPTH, PIX, SEG
 
-MAP_SUITES = {"depth_similarity": DEPTH, "seg_boundary_f1": SEG, "recon_psnr": PIX}
+# one suite per metric, named after it: the map metrics (M.MAP_METRICS) and the reconstruction's PSNR
+MAP_SUITES = {name: task for task, (name, _) in M.MAP_METRICS.items()} | {"recon_psnr": PIX}
 SUITES = ("scenes", *MAP_SUITES, *B.BENCHMARKS)
 
 
@@ -219,7 +221,6 @@ class Worker:
             out.update({r[0].uid: {"answer": a} for r, a in zip(qa, got)})
         gen = [r for r in ready if r[0].tasks]
         if gen:
-            from unimrg.eval import metrics as M
             from unimrg.eval.sample import default_prompts, generate
             tasks = gen[0][0].tasks
             images = torch.stack([r[1] for r in gen]).to(self.device)
@@ -249,10 +250,9 @@ def score(args, units: list[Unit], results: dict[str, dict], extra) -> dict[str,
     if args.suite in B.BENCHMARKS:
         bench, items = extra
         return bench.score(items, {uid: r["answer"] for uid, r in done.items()})
-    from unimrg.eval.metrics import MAP_METRICS, OTHER_IMAGE
     metrics: dict[str, float] = {}
     maps = [done[u.uid] for u in units if u.tasks and u.uid in done]
-    for name in [n for name, _ in MAP_METRICS.values() for n in (name, name + OTHER_IMAGE)] + ["recon_psnr"]:
+    for name in [n for name, _ in M.MAP_METRICS.values() for n in (name, name + M.OTHER_IMAGE)] + ["recon_psnr"]:
         vals = [r[name] for r in maps if name in r]
         if vals:
             metrics[name] = math.fsum(vals) / len(vals)
