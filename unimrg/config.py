@@ -53,7 +53,8 @@ class OptimConfig:
 class StageConfig:
     """A block of optimizer steps with its own tasks and extra frozen modules. OpenUni's paper recipe
     has two: 2,000 four-task steps, then 2,000 pixel-only steps with the understanding model frozen.
-    Each stage starts a fresh optimizer and LR schedule from the previous stage's weights."""
+    Each stage starts a fresh optimizer and LR schedule from the previous stage's weights; the data
+    loaders of the tasks it keeps continue where they were, those of tasks it adds start at the beginning."""
 
     steps: int = 0
     tasks: list[str] = field(default_factory=list)    # [] = objective.tasks

@@ -499,7 +499,9 @@ class Trainer:
         if engine_state:
             self.engine.load(folder.parent, folder.name)
         self.step = state["step"]
-        self.loaders.load_state_dict(state["loaders"])
+        # A stage may add tasks the previous one did not train (a curriculum); only there may a task
+        # have no saved position. A plain resume with a changed task set still refuses.
+        self.loaders.load_state_dict(state["loaders"], new_tasks=tuple(self.objective.tasks) if self.new_stage else ())
         self.objective.load_state_dict(state["objective"])
         if "task_rng" in state:
             self.streams.load_state_dict(state["task_rng"])

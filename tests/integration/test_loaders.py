@@ -176,6 +176,22 @@ def test_resume_reproduces_the_uninterrupted_run_with_workers(root, tmp_path, lo
         loaders(data, tasks=tasks, num_workers=0).load_state_dict(state)
 
 
+def test_a_stage_may_add_a_task_but_a_plain_resume_may_not(root, loaders):
+    """A curriculum stage adds a task: the kept task continues where it stopped, the new one starts at
+    its beginning. Anywhere else a task without a saved position is refused, naming the tasks."""
+    a = loaders(root, tasks=("pix",))
+    for _ in range(3):
+        a.next("pix")
+    state = a.state_dict()
+    pix_next = _snapshot(a.next("pix"))
+    with pytest.raises(ValueError, match=r"no entry for tasks \['depth'\] \(it has \['pix'\]\)"):
+        loaders(root, tasks=("pix", "depth")).load_state_dict(state)
+    b = loaders(root, tasks=("pix", "depth"))
+    b.load_state_dict(state, new_tasks=("pix", "depth"))
+    assert _equal(_snapshot(b.next("pix")), pix_next)
+    assert _equal(_snapshot(b.next("depth")), _snapshot(loaders(root, tasks=("depth",)).next("depth")))
+
+
 def test_corrupt_image_is_skipped_counted_and_warned(root, tmp_path, loaders):
     data = tmp_path / "data"
     shutil.copytree(root, data)

@@ -10,6 +10,7 @@ export CLI → reload → identical.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import subprocess
 import sys
@@ -265,14 +266,18 @@ def test_stage_frozen_modules_stay_in_eval_mode(name):
 @pytest.mark.parametrize("name", ["harmon"])   # the tied-weight model; ~2 min each, so one model in CI
 def test_trained_weights_export_and_reload_identically(name, tmp_path):
     """Two ranks, two stages of one step (the stage transition loads the first stage's consolidated
-    weights), final/model.pt → `python -m unimrg.eval.export` → load_official → identical."""
+    weights; the second stage adds a task, whose loader starts fresh there), final/model.pt →
+    `python -m unimrg.eval.export` → load_official → identical."""
     from tests.conftest import run_submit
     run = tmp_path / "run"
     res = run_submit(["--model", name, "--recipe", "tiny", "--cluster", "local", "--run-dir", str(run),
-                      "train.steps=2", "train.checkpoint_every=1", "train.stages=[{steps: 1}, {steps: 1}]",
-                      "objective.tasks=[pix]", "train.grad_accum=1", "train.micro_batch_per_task=1",
+                      "train.steps=2", "train.checkpoint_every=1",
+                      "train.stages=[{steps: 1, tasks: [pix]}, {steps: 1}]",
+                      "objective.tasks=[pix,depth]", "train.grad_accum=2", "train.micro_batch_per_task=1",
                       "data.scenes=4", "data.scene_shards=1", "run.tensorboard=false"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    rows = [json.loads(line) for line in (run / "metrics" / "rank0.jsonl").read_text().splitlines()]
+    assert [sorted(r["losses"]) for r in rows] == [["pix"], ["depth", "pix"]], rows
     final = torch.load(run / "final" / "model.pt", weights_only=True)
     cfg = load_resolved(run / "config.yaml").model
     model = build(name, **tiny_overrides(name))

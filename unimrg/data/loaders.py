@@ -539,8 +539,9 @@ class TaskLoaders:
             "skipped": dict(self._skipped),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore the loaders' positions; call before the first ``next``."""
+    def load_state_dict(self, state: dict, new_tasks: tuple[str, ...] = ()) -> None:
+        """Restore the loaders' positions; call before the first ``next``. ``new_tasks`` may be missing
+        from ``state`` and start from their beginning: tasks a new training stage adds."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"loader state format {state.get('format')!r}, expected {STATE_FORMAT}")
         # energon needs the same worker count (else a bare AssertionError); the others change the data order
@@ -553,12 +554,14 @@ class TaskLoaders:
             raise ValueError(f"loader state was saved with a text-only und share of {state.get('und_text_ratio', 0.0):.4f}, "
                              f"this run has {self.text_ratio:.4f}; resume with the same data.und_text_ratio and "
                              f"the same und_text dataset")
-        missing = [t for t in self.tasks if t not in state["loaders"]]
+        missing = [t for t in self.tasks if t not in state["loaders"] and t not in new_tasks]
         if missing:
             raise ValueError(f"loader state has no entry for tasks {missing} (it has "
                              f"{sorted(state['loaders'])}); resume with the same task set")
         if self._iters:
             raise RuntimeError("load_state_dict must be called before the first next()")
         for t in self.tasks:
+            if t not in state["loaders"]:
+                continue                 # new in this stage: its loader starts at the beginning
             self._loaders[t].restore_state_rank(pickle.loads(state["loaders"][t]))
             self._skipped[t] = int(state["skipped"].get(t, 0))
