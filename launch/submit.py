@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from unimrg import runfolder  # noqa: E402
 from unimrg.config import (ConfigError, check_inputs, load_config, plan_report, recipe_path,  # noqa: E402
-                           shape_report, validate)
+                           shape_report, stage_config, stage_plans, validate)
 from unimrg.data.loaders import check_data_paths, ensure_scene_data  # noqa: E402
 from unimrg.durable import RunFolderError, check_writable  # noqa: E402
 from unimrg.models import registry  # noqa: E402
@@ -149,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             amendments, ckpt = [], None
             kind = "restart" if (run_dir / "config.yaml").is_file() else "first"
         plan = validate(cfg, dp_size)
-        print(f"{cfg.model.name} ({cfg.model.size}) {plan.describe(cfg.objective.tasks)}")
+        stages = stage_plans(cfg)      # validate's plan is the first stage's: describe it with its tasks
+        first = f"stage 1/{len(stages)}: " if len(stages) > 1 else ""
+        print(f"{cfg.model.name} ({cfg.model.size}) {first}"
+              f"{plan.describe(stage_config(cfg, stages[0][2]).objective.tasks)}")
         stage_tasks = [t for s in cfg.train.stages for t in s.tasks]
         print(shape_report(cfg, list(dict.fromkeys([*cfg.objective.tasks, *stage_tasks]))), flush=True)
         check_inputs(cfg)

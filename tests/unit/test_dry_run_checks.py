@@ -30,6 +30,15 @@ def test_full_size_without_official_weights_needs_model_init_random(capsys, scen
     assert code == 2 and "drop one" in err
 
 
+def test_the_launch_header_of_a_multi_stage_run_counts_the_first_stage(capsys, scene_root):
+    # the batch the header describes is stage 1's; it used to be multiplied by every stage's tasks
+    code, out, err = dry_run(capsys, "openuni", "tiny", f"data.root={scene_root}", "objective.tasks=[und,depth]",
+                             "train.stages=[{steps: 10, tasks: [depth]}, {steps: 10}]")
+    assert code == 0, err
+    assert "stage 1/2: 16 per task × 1 tasks = 16 samples per optimizer step" in out
+    assert "stage 2/2 ['und', 'depth'] on 2 GPUs" in out        # the per-stage plan lines
+
+
 def test_zero_stage_disagreeing_with_the_json_is_caught_before_ranks_start(capsys, scene_root):
     code, _, err = dry_run(capsys, "openuni", "tiny", f"data.root={scene_root}", "train.zero_stage=3")
     assert code == 2
